@@ -1,0 +1,215 @@
+// AVX2 GEMV inner loops (with FMA, F16C, BMI2, POPCNT).
+//
+// This file is compiled with AVX2 flags (CMakeLists.txt) and only entered after the CPU check in
+// cpu_features.cpp. Everything but the table accessor has internal linkage and no std template is
+// instantiated here, so no function built for AVX2 can be merged by the linker into code that runs
+// on older CPUs.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "gemv_isa.h"
+
+namespace duogpt::cpu {
+namespace avx2 {
+namespace {
+
+// AVX2 has no expand instruction: one table entry per bitmap byte moves the next popcount(byte)
+// packed values to the set-bit lanes of an 8-lane vector. `half[m]` is a PSHUFB control for eight
+// 16-bit values (0x80 zeroes a lane); `word[m]` a VPERMPS index for eight 32-bit values whose
+// sign bit marks the lanes to zero.
+struct ExpandTables {
+  alignas(16) uint8_t half[256][16];
+  int8_t word[256][8];
+};
+
+constexpr ExpandTables make_expand_tables() {
+  ExpandTables t{};
+  for (int m = 0; m < 256; ++m) {
+    int next = 0;
+    for (int lane = 0; lane < 8; ++lane) {
+      const bool set = (m >> lane) & 1;
+      t.half[m][2 * lane] = set ? uint8_t(2 * next) : 0x80;
+      t.half[m][2 * lane + 1] = set ? uint8_t(2 * next + 1) : 0x80;
+      t.word[m][lane] = set ? int8_t(next) : int8_t(-128);
+      next += set;
+    }
+  }
+  return t;
+}
+
+constexpr ExpandTables kExpand = make_expand_tables();
+
+// Weight loads by value type: 8 contiguous values widened to fp32 (dense), and the expansion of
+// the next popcount(m) packed values into the set lanes of byte m (spMspV), reading 8 values.
+struct F32 {
+  using T = float;
+  static __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
+  static float load1(const T* p) { return *p; }
+  static __m256 expand8(const T* v, uint32_t m) {
+    const __m256i idx = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpand.word[m])));
+    const __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(v), idx);
+    return _mm256_blendv_ps(w, _mm256_setzero_ps(), _mm256_castsi256_ps(idx));
+  }
+};
+
+struct F16 {
+  using T = uint16_t;
+  static __m256 load8(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static float load1(const T* p) { return _cvtsh_ss(*p); }
+  static __m256 expand8(const T* v, uint32_t m) {
+    const __m128i ctl = _mm_load_si128(reinterpret_cast<const __m128i*>(kExpand.half[m]));
+    return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)), ctl));
+  }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  // bfloat16 is the top half of a float32: widen and shift into place.
+  static __m256 widen(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+  static __m256 load8(const T* p) { return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static float load1(const T* p) { return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(int(*p) << 16))); }
+  static __m256 expand8(const T* v, uint32_t m) {
+    const __m128i ctl = _mm_load_si128(reinterpret_cast<const __m128i*>(kExpand.half[m]));
+    return widen(_mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)), ctl));
+  }
+};
+
+// ---- spMspV: one input channel into b accumulator rows ----------------------------------------
+
+// One value at a time, touching only rows with a non-zero weight: the path for a channel whose
+// activations are not all finite (x * 0 must not turn the zero lanes into NaN) and for the words
+// whose 8-value loads would reach past the end of the values array.
+template <typename V>
+const typename V::T* accumulate_word_scalar(uint32_t m, const typename V::T* v, const float* x,
+                                            int64_t b, float* a, int64_t ld) {
+  for (; m != 0; m &= m - 1) {
+    const float w = V::load1(v++);
+    const int r = static_cast<int>(_tzcnt_u32(m));
+    for (int64_t t = 0; t < b; ++t) a[t * ld + r] += x[t] * w;
+  }
+  return v;
+}
+
+template <typename V, int B>
+void accumulate_tokens(const uint32_t* words, int64_t nwords, const typename V::T* v,
+                       int64_t readable, const float* x, float* acc, int64_t ld) {
+  __m256 xb[B];
+  for (int t = 0; t < B; ++t) xb[t] = _mm256_set1_ps(x[t]);
+  // Each byte's load reads 8 values from at most 24 past the word's first one: a word whose first
+  // value is 32 or more before the end is safe.
+  const typename V::T* const end = v + readable;
+  for (int64_t q = 0; q < nwords; ++q) {
+    const uint32_t m = words[q];
+    if (m == 0) continue;
+    float* a = acc + q * 32;
+    if (end - v < 32) {
+      v = accumulate_word_scalar<V>(m, v, x, B, a, ld);
+      continue;
+    }
+    for (int byte = 0; byte < 4; ++byte) {
+      const uint32_t mb = (m >> (8 * byte)) & 0xffu;
+      const __m256 w = V::expand8(v, mb);
+      v += _mm_popcnt_u32(mb);
+      for (int t = 0; t < B; ++t) {
+        float* at = a + t * ld + 8 * byte;
+        _mm256_storeu_ps(at, _mm256_fmadd_ps(xb[t], w, _mm256_loadu_ps(at)));
+      }
+    }
+  }
+}
+
+template <typename V>
+void accumulate(const uint32_t* words, int64_t nwords, const void* values, int64_t readable,
+                const float* x, int64_t b, float* acc, int64_t ld) {
+  const auto* v = static_cast<const typename V::T*>(values);
+  bool finite = true;
+  for (int64_t t = 0; t < b; ++t) finite &= (x[t] - x[t]) == 0.0f;
+  if (!finite) {
+    for (int64_t q = 0; q < nwords; ++q) v = accumulate_word_scalar<V>(words[q], v, x, b, acc + q * 32, ld);
+    return;
+  }
+  switch (b) {
+    case 1: return accumulate_tokens<V, 1>(words, nwords, v, readable, x, acc, ld);
+    case 2: return accumulate_tokens<V, 2>(words, nwords, v, readable, x, acc, ld);
+    case 3: return accumulate_tokens<V, 3>(words, nwords, v, readable, x, acc, ld);
+    case 4: return accumulate_tokens<V, 4>(words, nwords, v, readable, x, acc, ld);
+    case 5: return accumulate_tokens<V, 5>(words, nwords, v, readable, x, acc, ld);
+    case 6: return accumulate_tokens<V, 6>(words, nwords, v, readable, x, acc, ld);
+    case 7: return accumulate_tokens<V, 7>(words, nwords, v, readable, x, acc, ld);
+    default: return accumulate_tokens<V, 8>(words, nwords, v, readable, x, acc, ld);
+  }
+}
+
+// ---- dense rows ---------------------------------------------------------------------------------
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// R rows x B tokens of fp32 accumulators stay in registers over the whole of k: each weight vector
+// is loaded and widened once for B tokens, each x vector once for R rows. R * B + R + 1 <= 16.
+template <typename V, int B, int R>
+void dense_block(const typename V::T* w, int64_t k, const float* x, int64_t r, float* y, int64_t n) {
+  __m256 acc[R][B];
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < B; ++t) acc[i][t] = _mm256_setzero_ps();
+  const typename V::T* row = w + r * k;
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) {
+    __m256 wv[R];
+    for (int i = 0; i < R; ++i) wv[i] = V::load8(row + i * k + j);
+    for (int t = 0; t < B; ++t) {
+      const __m256 xv = _mm256_loadu_ps(x + t * k + j);
+      for (int i = 0; i < R; ++i) acc[i][t] = _mm256_fmadd_ps(wv[i], xv, acc[i][t]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int t = 0; t < B; ++t) {
+      float s = hsum(acc[i][t]);
+      for (int64_t jt = j; jt < k; ++jt) s += V::load1(row + i * k + jt) * x[t * k + jt];
+      y[t * n + r + i] = s;
+    }
+  }
+}
+
+template <typename V, int B>
+void dense_tokens(const typename V::T* w, int64_t k, const float* x, int64_t r0, int64_t r1,
+                  float* y, int64_t n) {
+  // Four rows give b = 1 four independent FMA chains; larger b fill the 16 registers with fewer.
+  constexpr int R = B <= 2 ? 4 : B <= 4 ? 2 : 1;
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) dense_block<V, B, R>(w, k, x, r, y, n);
+  for (; r < r1; ++r) dense_block<V, B, 1>(w, k, x, r, y, n);
+}
+
+template <typename V>
+void dense(const void* w, int64_t k, const float* x, int64_t b, int64_t r0, int64_t r1, float* y,
+           int64_t n) {
+  const auto* wt = static_cast<const typename V::T*>(w);
+  switch (b) {
+    case 1: return dense_tokens<V, 1>(wt, k, x, r0, r1, y, n);
+    case 2: return dense_tokens<V, 2>(wt, k, x, r0, r1, y, n);
+    case 3: return dense_tokens<V, 3>(wt, k, x, r0, r1, y, n);
+    case 4: return dense_tokens<V, 4>(wt, k, x, r0, r1, y, n);
+    case 5: return dense_tokens<V, 5>(wt, k, x, r0, r1, y, n);
+    case 6: return dense_tokens<V, 6>(wt, k, x, r0, r1, y, n);
+    case 7: return dense_tokens<V, 7>(wt, k, x, r0, r1, y, n);
+    default: return dense_tokens<V, 8>(wt, k, x, r0, r1, y, n);
+  }
+}
+
+}  // namespace
+}  // namespace avx2
+
+const GemvKernels& gemv_kernels_avx2() {
+  using namespace avx2;
+  static const GemvKernels k{"avx2",
+                             {accumulate<F32>, accumulate<F16>, accumulate<BF16>},
+                             {dense<F32>, dense<F16>, dense<BF16>}};
+  return k;
+}
+
+}  // namespace duogpt::cpu

@@ -1,0 +1,37 @@
+// The inner loops of the CPU GEMVs, one implementation per instruction set, picked at run time
+// (cpu_features.cpp). Everything around them (activation selection, threading, dtype conversion
+// of x and y) lives once in spmspv_cpu.cpp.
+#pragma once
+
+#include <cstdint>
+
+namespace duogpt::cpu {
+
+/// acc[t * ld + r] += x[t] * W[r, j] for every non-zero W[r, j] of one input channel j, t < b.
+/// Rows are padded to 32 * nwords <= ld, so a word can be written whole. `values` points at the
+/// channel's first value; reading at most `readable` values from it is allowed.
+using AccumulateChannelFn = void (*)(const uint32_t* words, int64_t nwords, const void* values,
+                                     int64_t readable, const float* x, int64_t b, float* acc,
+                                     int64_t ld);
+
+/// y[t * n + r] = sum_j x[t * k + j] * w[r * k + j] for rows r in [r0, r1), t < b.
+using DenseRowsFn = void (*)(const void* w, int64_t k, const float* x, int64_t b, int64_t r0,
+                             int64_t r1, float* y, int64_t n);
+
+/// One instruction set's kernels, indexed by the weight's Dtype code.
+struct GemvKernels {
+  const char* name;
+  AccumulateChannelFn accumulate[3];
+  DenseRowsFn dense[3];
+};
+
+const GemvKernels& gemv_kernels_scalar();
+#if defined(DUOGPT_X86_SIMD)
+const GemvKernels& gemv_kernels_avx2();
+const GemvKernels& gemv_kernels_avx512();
+#endif
+
+/// The kernels in use: the best the CPU supports unless set_cpu_isa chose a lower one.
+const GemvKernels& active_gemv_kernels();
+
+}  // namespace duogpt::cpu

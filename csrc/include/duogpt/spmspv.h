@@ -1,0 +1,37 @@
+/// Decode-time GEMVs: y (b x n) = sparsify(x) (b x k) @ W^T, with fp32 accumulation.
+#pragma once
+
+#include <cstdint>
+
+#include "duogpt/types.h"
+
+namespace duogpt {
+
+constexpr int64_t kMaxTokens = 8;  // b: the decode batch the GEMV kernels are written for
+
+/// Activation rule fused into spmspv. Exactly one of the two is active, or neither (keep all).
+struct ActivationRule {
+  const float* threshold = nullptr;  // [k] fp32: keep x[t, j] iff |x[t, j]| > threshold[j]
+  double topk_fraction = -1.0;       // in [0, 1): per token, zero the floor(k * p_a) smallest |x|
+};
+
+/// @brief Bitmap spMspV. Channels whose activation is zero for all b tokens are never read.
+/// Non-finite activations count as the largest magnitudes: they are kept and propagate into y
+/// through the non-zero weights of their channel.
+void spmspv_cpu(const void* x,            // [b, k], dtype x_dt (y has the same dtype)
+                Dtype x_dt, int64_t b, int64_t k,
+                const int32_t* bitmap,    // [k, bitmap_words(n)]
+                const void* values,       // [nnz], dtype v_dt
+                const int32_t* offsets,   // [k * bitmap_tiles(n) + 1]
+                Dtype v_dt, int64_t n,
+                ActivationRule rule,
+                void* y);                 // out: [b, n], dtype x_dt
+
+/// @brief Dense GEMV of the same shapes: the like-for-like baseline.
+void dense_gemv_cpu(const void* x,  // [b, k], dtype x_dt (y has the same dtype)
+                    Dtype x_dt, int64_t b, int64_t k,
+                    const void* w,  // row-major [n, k], dtype w_dt
+                    Dtype w_dt, int64_t n,
+                    void* y);       // out: [b, n], dtype x_dt
+
+}  // namespace duogpt

@@ -1,0 +1,3 @@
+from duogpt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Pruned checkpoints: a Hugging Face folder (exact zeros in safetensors) plus `duogpt.json`.
+
+Plain transformers loads the folder as a dense model. `duogpt.json` records how it was made and
+the activation rule to run it with; for the threshold rule the per-projection thresholds sit in
+`duogpt_thresholds.safetensors`. Never a compressed-tensors `sparsity_config` (ecosystem.md 0.1).
+
+Writes go to a temporary sibling folder that is renamed into place at the end, so an interrupted
+save never leaves a half-written checkpoint at the destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from duogpt.sparsity import ActivationSparsity
+
+METADATA_FILE = "duogpt.json"
+THRESHOLDS_FILE = "duogpt_thresholds.safetensors"
+FORMAT_VERSION = 1
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to `out_dir`; on success it replaces `out_dir`.
+
+    Raises:
+        FileExistsError: `out_dir` exists and `overwrite` is False.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield staging
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_metadata(folder: Path, metadata: dict, sparsity: ActivationSparsity) -> None:
+    """Write `duogpt.json` (and the thresholds file for the threshold rule) into `folder`."""
+    meta = dict(metadata, format_version=FORMAT_VERSION,
+                activation_sparsity=sparsity.to_json())
+    if sparsity.rule == "threshold" and sparsity.active:
+        save_file({k: v.float().contiguous().cpu() for k, v in sparsity.thresholds.items()},
+                  folder / THRESHOLDS_FILE)
+        meta["activation_sparsity"]["thresholds_file"] = THRESHOLDS_FILE
+    (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """`duogpt.json` of a checkpoint folder.
+
+    Raises:
+        ValueError: the folder has no duogpt.json, or one of an unknown format version.
+    """
+    file = Path(path) / METADATA_FILE
+    if not file.is_file():
+        raise ValueError(f"{path} has no {METADATA_FILE}: it is not a duogpt checkpoint "
+                         f"(create one with `duogpt prune`)")
+    meta = json.loads(file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{file} has format_version {meta.get('format_version')}; this duogpt "
+                         f"reads version {FORMAT_VERSION}")
+    return meta
+
+
+def read_activation_sparsity(path: str | os.PathLike, metadata: dict | None = None) -> ActivationSparsity:
+    """The activation rule a checkpoint was pruned for (thresholds loaded for the threshold rule)."""
+    meta = read_metadata(path) if metadata is None else metadata
+    spec = meta["activation_sparsity"]
+    thresholds = {}
+    if spec.get("thresholds_file"):
+        thresholds = load_file(str(Path(path) / spec["thresholds_file"]))
+    return ActivationSparsity(fraction=spec["fraction"], rule=spec["rule"], thresholds=thresholds)
+
+
+def save_pruned(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, metadata: dict,
+                sparsity: ActivationSparsity, *, overwrite: bool = False) -> Path:
+    """Save a pruned model as a plain Hugging Face folder plus duogpt.json, atomically."""
+    with atomic_folder(out_dir, overwrite=overwrite) as staging:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        write_metadata(staging, metadata, sparsity)
+    return Path(out_dir)

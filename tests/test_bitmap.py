@@ -1,0 +1,124 @@
+"""The bitmap format (docs/format.md): packing, unpacking, validation and BitmapWeight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duogpt import BitmapWeight
+from duogpt.ops import reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1), (1, 77), (31, 5), (33, 64), (1023, 3), (1025, 17), (2100, 9)]
+
+
+def random_sparse(n: int, k: int, sparsity: float, dtype=torch.float32) -> torch.Tensor:
+    w = torch.randn(n, k)
+    w[torch.rand(n, k) < sparsity] = 0
+    return w.to(dtype)
+
+
+def test_golden_matrix_worked_by_hand():
+    w = torch.tensor([[1.0, 0.0],
+                      [0.0, 2.0],
+                      [3.0, 4.0]])
+    bw = BitmapWeight.from_dense(w)
+    # channel 0 holds rows 0 and 2 (bits 0b101), channel 1 rows 1 and 2 (0b110)
+    assert bw.bitmap.tolist() == [[0b101], [0b110]]
+    assert bw.values.tolist() == [1.0, 3.0, 2.0, 4.0]
+    assert bw.offsets.tolist() == [0, 2, 4]
+    assert bw.shape == (3, 2) and bw.density == 4 / 6
+
+
+def test_offsets_are_per_1024_row_tile():
+    w = torch.zeros(2049, 1)
+    w[[0, 1023, 1024, 2048], 0] = 1.0
+    bw = BitmapWeight.from_dense(w)
+    assert bw.offsets.tolist() == [0, 2, 3, 4]  # tiles [0,1024) [1024,2048) [2048,2049)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_pack_matches_reference_and_round_trips(shape, dtype, sparsity):
+    w = random_sparse(*shape, sparsity, dtype)
+    bw = BitmapWeight.from_dense(w)
+    for got, want in zip((bw.bitmap, bw.values, bw.offsets), reference.bitmap_pack(w)):
+        assert torch.equal(got, want)
+    assert torch.equal(bw.to_dense(), w)
+    assert torch.equal(reference.bitmap_unpack(bw.bitmap, bw.values, bw.offsets, shape[0]), w)
+    assert bw.dtype == dtype and bw.values.numel() == int((w != 0).sum())
+
+
+def test_signed_zero_is_not_stored_and_nan_is():
+    w = torch.tensor([[-0.0, float("nan")], [1.0, 0.0]])
+    bw = BitmapWeight.from_dense(w)
+    assert bw.values.numel() == 2
+    back = bw.to_dense()
+    assert back[0, 1].isnan() and back[1, 0] == 1 and back[0, 0] == 0 and back[1, 1] == 0
+
+
+def test_values_dtype_is_chosen_at_pack_time():
+    w = random_sparse(64, 48, 0.5)
+    bw = BitmapWeight.from_dense(w, dtype=torch.bfloat16)
+    assert bw.dtype == torch.bfloat16
+    assert torch.equal(bw.to_dense(), w.to(torch.bfloat16))
+
+
+def test_half_precision_at_50_percent_costs_at_most_1_14_bytes_per_weight():
+    w = random_sparse(4096, 512, 0.5, torch.float16)
+    bw = BitmapWeight.from_dense(w)
+    assert bw.nbytes / w.numel() <= 1.14
+    assert abs(bw.density - 0.5) < 0.01
+
+
+def test_state_dict_round_trip():
+    w = random_sparse(100, 30, 0.5, torch.float16)
+    bw = BitmapWeight.from_dense(w)
+    back = BitmapWeight.from_state_dict(bw.state_dict("layer."), "layer.")
+    assert back.shape == bw.shape and torch.equal(back.to_dense(), w)
+    assert back.to("cpu").nbytes == bw.nbytes
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda sd: sd.update(values=sd["values"][:-1]), "offsets end at"),
+    (lambda sd: sd["offsets"].__setitem__(1, sd["offsets"][1] + 1), "bits set but offsets"),
+    (lambda sd: sd["bitmap"].__setitem__((0, -1), -1), "past row"),
+    (lambda sd: sd.update(bitmap=sd["bitmap"][:, :1]), "bitmap is"),
+    (lambda sd: sd.pop("offsets"), "missing tensor"),
+], ids=["truncated-values", "offset-mismatch", "padding-bits", "bitmap-shape", "missing"])
+def test_corrupted_state_dict_is_rejected(corrupt, message):
+    sd = BitmapWeight.from_dense(random_sparse(70, 20, 0.5)).state_dict()
+    corrupt(sd)
+    with pytest.raises(ValueError, match=message):
+        BitmapWeight.from_state_dict(sd)
+
+
+def test_unknown_format_version_is_rejected():
+    sd = BitmapWeight.from_dense(random_sparse(8, 8, 0.5)).state_dict()
+    with pytest.raises(ValueError, match="version 2"):
+        BitmapWeight.from_state_dict(sd, format_version=2)
+
+
+def test_bad_inputs_get_clear_errors():
+    with pytest.raises(ValueError, match="2-D"):
+        BitmapWeight.from_dense(torch.zeros(3, 4, 5))
+    with pytest.raises(ValueError, match="values dtype"):
+        BitmapWeight.from_dense(torch.zeros(3, 4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="w must have dtype"):
+        torch.ops.duogpt.bitmap_pack(torch.zeros(3, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.duogpt.bitmap_pack(torch.zeros(4, 3).t())
+
+
+def test_non_contiguous_weight_is_packed_from_a_copy():
+    w = random_sparse(12, 40, 0.5).t()
+    assert torch.equal(BitmapWeight.from_dense(w).to_dense(), w)
+
+
+def test_opcheck():
+    w = random_sparse(40, 12, 0.5)
+    bitmap, values, offsets = torch.ops.duogpt.bitmap_pack(w)
+    torch.library.opcheck(torch.ops.duogpt.bitmap_unpack, (bitmap, values, offsets, 40))
+    torch.library.opcheck(torch.ops.duogpt.bitmap_pack, (w,),
+                          test_utils=("test_schema", "test_autograd_registration"))

@@ -1,0 +1,167 @@
+"""The decode GEMVs: `spmspv` (bitmap weight x sparsified activations) and `dense_gemv`, on every
+CPU instruction set this machine supports, against the pure-PyTorch reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from duogpt import BitmapWeight, _native, ops
+from duogpt.ops import reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1), (1, 300), (7, 33), (33, 129), (257, 64), (1025, 40), (2049, 7)]  # (out, in)
+RULES = {"none": {}, "topk50": {"topk_fraction": 0.5}, "topk0": {"topk_fraction": 0.0},
+         "threshold": "threshold"}
+
+
+@pytest.fixture(params=_native.lib().supported_cpu_isas())
+def isa(request):
+    """Run the test on one CPU code path (scalar, avx2, avx512: whichever this CPU has)."""
+    C = _native.lib()
+    before = C.cpu_isa()
+    C.set_cpu_isa(request.param)
+    yield request.param
+    C.set_cpu_isa(before)
+
+
+def sparse_weight(n, k, sparsity, dtype):
+    w = torch.randn(n, k)
+    w[torch.rand(n, k) < sparsity] = 0
+    return w.to(dtype)
+
+
+def rule_kwargs(rule, k):
+    return {"threshold": torch.rand(k)} if rule == "threshold" else dict(rule)
+
+
+def assert_close_to_exact(got, want_lowp, want_exact):
+    """got's error against the float64 result is at most twice that of the reference computed in
+    float32 and rounded to the output dtype, plus a small floor (flash-attention's rule)."""
+    err = (got.double() - want_exact).abs().max().item()
+    ref_err = (want_lowp.double() - want_exact).abs().max().item()
+    floor = 1e-5 * max(want_exact.abs().max().item(), 1.0)
+    assert err <= 2 * ref_err + floor, f"error {err:.3g} vs reference error {ref_err:.3g}"
+
+
+def exact_spmspv(x, w, kwargs):
+    keep = reference.activation_keep_mask(x, **kwargs)
+    xs = torch.where(keep, x.double(), torch.zeros((), dtype=torch.float64))
+    return xs @ w.double().t()
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("b", [1, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_spmspv_matches_reference(isa, shape, dtype, b, sparsity, rule):
+    n, k = shape
+    w = sparse_weight(n, k, sparsity, dtype)
+    x = torch.randn(b, k).to(dtype)
+    kwargs = rule_kwargs(RULES[rule], k)
+    bw = BitmapWeight.from_dense(w)
+    got = ops.spmspv(x, bw, **kwargs)
+    assert got.shape == (b, n) and got.dtype == dtype
+    want = reference.spmspv(x, bw.bitmap, bw.values, bw.offsets, n, **kwargs)
+    assert_close_to_exact(got, want, exact_spmspv(x, w, kwargs))
+
+
+@pytest.mark.parametrize("b", [1, 2, 5, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_dense_gemv_matches_reference(isa, shape, dtype, b):
+    w = torch.randn(*shape).to(dtype)
+    x = torch.randn(b, shape[1]).to(dtype)
+    got = ops.dense_gemv(x, w)
+    assert got.dtype == dtype
+    assert_close_to_exact(got, reference.dense_gemv(x, w), x.double() @ w.double().t())
+
+
+def test_channels_without_kept_activations_are_never_read(isa):
+    n, k = 300, 64
+    w = torch.randn(n, k)
+    x = torch.randn(4, k)
+    x[:, ::2] = 0  # even channels are zero for every token...
+    w[:, ::2] = float("nan")  # ...so their NaN weights must never be touched
+    x[0, 1], x[1:, 1] = 5.0, 0.0  # channel 1 is live for one token only
+    y = ops.spmspv(x, BitmapWeight.from_dense(w))
+    assert y.isfinite().all()
+    # the same holds for channels dropped by the top-k rule in every token
+    x = torch.randn(2, k)
+    x[:, :16] = 1e-3  # the 16 smallest magnitudes of both tokens
+    w = torch.randn(n, k)
+    w[:, :16] = float("nan")
+    y = ops.spmspv(x, BitmapWeight.from_dense(w), topk_fraction=16 / k)
+    assert y.isfinite().all()
+
+
+def test_all_zero_activations_give_zeros(isa):
+    bw = BitmapWeight.from_dense(sparse_weight(100, 50, 0.5, torch.float16))
+    y = ops.spmspv(torch.zeros(3, 50, dtype=torch.float16), bw, topk_fraction=0.5)
+    assert torch.equal(y, torch.zeros(3, 100, dtype=torch.float16))
+
+
+def test_topk_rule_drops_floor_of_in_times_fraction_per_token():
+    x = torch.randn(5, 37)
+    keep = reference.activation_keep_mask(x, topk_fraction=0.3)
+    assert (keep.sum(1) == 37 - math.floor(37 * 0.3)).all()
+
+
+def test_non_finite_activations_propagate_through_non_zero_weights(isa):
+    w = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    x = torch.tensor([[float("inf"), 1.0], [float("nan"), 1.0]])
+    y = ops.spmspv(x, BitmapWeight.from_dense(w), topk_fraction=0.5)
+    # the non-finite entry is the token's largest magnitude, so it is kept; rows whose weight in
+    # channel 0 is zero stay finite (a dense matmul would give inf * 0 = nan there)
+    assert y[0, 0] == float("inf") and y[0, 1] == 0.0 and y[0, 2] == float("inf")
+    assert y[1, 0].isnan() and y[1, 1] == 0.0 and y[1, 2].isnan()
+    assert torch.equal(y.isnan(), reference.spmspv(x, *reference.bitmap_pack(w), 3,
+                                                   topk_fraction=0.5).isnan())
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"topk_fraction": 1.0}, ValueError, r"\[0, 1\)"),
+    ({"topk_fraction": -0.1}, ValueError, r"\[0, 1\)"),
+    ({"threshold": torch.zeros(5)}, ValueError, "one per input channel"),
+    ({"threshold": torch.zeros(8, dtype=torch.float16)}, TypeError, "threshold must have dtype"),
+    ({"threshold": torch.zeros(8), "topk_fraction": 0.5}, ValueError, "not both"),
+], ids=["fraction-1", "fraction-negative", "threshold-size", "threshold-dtype", "both-rules"])
+def test_bad_activation_rules_are_rejected(kwargs, error, message):
+    bw = BitmapWeight.from_dense(torch.randn(4, 8))
+    with pytest.raises(error, match=message):
+        ops.spmspv(torch.randn(1, 8), bw, **kwargs)
+
+
+@pytest.mark.parametrize("x, error, message", [
+    (torch.randn(1, 9), ValueError, "input channels"),
+    (torch.randn(9, 8), ValueError, "1 to 8 tokens"),
+    (torch.randn(0, 8), ValueError, "1 to 8 tokens"),
+    (torch.randn(8), ValueError, "2-D"),
+    (torch.randn(8, 2).t(), ValueError, "contiguous"),
+    (torch.randn(1, 8, dtype=torch.float64), TypeError, "x must have dtype"),
+], ids=["in-mismatch", "too-many-tokens", "no-tokens", "1-D", "non-contiguous", "float64"])
+def test_bad_activations_are_rejected(x, error, message):
+    w = torch.randn(4, 8)
+    with pytest.raises(error, match=message):
+        ops.spmspv(x, BitmapWeight.from_dense(w))
+    with pytest.raises(error, match=message):
+        ops.dense_gemv(x, w)
+
+
+def test_cpu_only_build_explains_how_to_get_cuda():
+    if _native.cuda_compiled():
+        pytest.skip("this build has CUDA kernels")
+    with pytest.raises(RuntimeError, match="DUOGPT_CUDA=ON"):
+        _native.cuda_lib()
+
+
+def test_opcheck():
+    w = sparse_weight(40, 24, 0.5, torch.float16)
+    bitmap, values, offsets = torch.ops.duogpt.bitmap_pack(w)
+    x = torch.randn(3, 24, dtype=torch.float16)
+    torch.library.opcheck(torch.ops.duogpt.spmspv, (x, bitmap, values, offsets, 40, None, 0.5))
+    torch.library.opcheck(torch.ops.duogpt.spmspv, (x, bitmap, values, offsets, 40, torch.rand(24), None))
+    torch.library.opcheck(torch.ops.duogpt.dense_gemv, (x, w))

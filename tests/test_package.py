@@ -1,0 +1,68 @@
+"""Import hygiene, the deferred native-module error, and `duogpt env`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import duogpt
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_import_without_native_module_succeeds_and_calls_explain():
+    result = run_python("""
+        import importlib.abc, sys
+        class Hide(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "duogpt._C":
+                    raise ImportError("hidden for the test")
+        sys.meta_path.insert(0, Hide())
+        import torch, duogpt
+        try:
+            duogpt.BitmapWeight.from_dense(torch.eye(4))
+        except RuntimeError as err:
+            print("ERROR:", err)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "ERROR: duogpt's native module failed to import (hidden for the test)" in result.stdout
+    assert "duogpt env" in result.stdout
+
+
+def test_import_changes_no_global_torch_state():
+    result = run_python("""
+        import torch
+        before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                  torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled())
+        import duogpt
+        after = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                 torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled())
+        print(before == after)
+    """)
+    assert result.stdout.strip() == "True", result.stderr
+
+
+def test_every_op_is_registered_with_cpu_cuda_and_fake_kernels():
+    for name in ("bitmap_pack", "bitmap_unpack", "spmspv", "dense_gemv", "obs_prune_block"):
+        op = getattr(torch.ops.duogpt, name).default
+        for key in ("CPU", "CUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key), (name, key)
+
+
+def test_env_command_prints_the_diagnostics():
+    result = subprocess.run([sys.executable, "-m", "duogpt", "env"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["version"] == duogpt.__version__ and info["torch"] == torch.__version__
+    assert info["cuda_compiled"] == duogpt._native.cuda_compiled()
+    assert set(info) >= {"cuda_archs", "gpu", "cpu_features", "cpu_isa"}
+    if not torch.cuda.is_available():
+        assert info["gpu"] is None
