@@ -1,0 +1,45 @@
+"""`duogpt.load`: a pruned checkpoint as a model whose projections are `SparseLinear`."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from duogpt.checkpoint import read_activation_sparsity, read_metadata
+from duogpt.engine.quantizer import register
+from duogpt.engine.sparse_linear import convert_for_runtime, set_activation_sparsity, sparse_projections
+from duogpt.sparsity import ActivationSparsity
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         activation_sparsity: ActivationSparsity | None = None) -> PreTrainedModel:
+    """Load a duogpt checkpoint for inference, in eval mode.
+
+    A packed folder (`duogpt pack`) is read through transformers and the registered `duogpt`
+    quantizer, so only the packed weights are ever resident; a dense-format checkpoint
+    (`duogpt prune`) is loaded and packed in memory, one projection at a time.
+
+    Args:
+        path: the checkpoint folder (it must hold duogpt.json).
+        device: where the model runs.
+        dtype: dtype of the non-projection parameters and of the activations; None = as stored.
+            Packed values keep their stored dtype (a dense checkpoint is packed in this dtype).
+        activation_sparsity: overrides the activation rule recorded in duogpt.json.
+
+    Raises:
+        ValueError: not a duogpt checkpoint, or a packed folder that is incomplete or corrupted.
+    """
+    meta = read_metadata(path)
+    register()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype is None else dtype)
+    if meta.get("format") == "bitmap":
+        if not sparse_projections(model):
+            raise ValueError(f"{path}: duogpt.json says 'bitmap' but config.json has no duogpt "
+                             f"quantization_config; re-create the folder with `duogpt pack`")
+    else:
+        convert_for_runtime(model, read_activation_sparsity(path, meta))
+    if activation_sparsity is not None:
+        set_activation_sparsity(model, activation_sparsity)
+    return model.to(device).eval()

@@ -1,0 +1,144 @@
+"""`SparseLinear`: a pruned projection that holds only its bitmap-packed weight.
+
+Decode (up to `MAX_TOKENS` tokens) runs the `spmspv` kernel with the activation rule fused: input
+channels whose activation is dropped are never read. Longer inputs (prefill, perplexity windows)
+unpack the weight into a transient dense tensor, apply the same rule with
+`duogpt.ops.reference.sparsify` and run one dense GEMM; the transient is freed when the layer
+returns, so at most one projection is ever dense (the allocator reuses the block across layers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from duogpt.formats import BitmapWeight
+from duogpt.models import layer_map
+from duogpt.ops.gemv import MAX_TOKENS
+from duogpt.ops.reference import sparsify
+from duogpt.sparsity import ActivationSparsity
+
+# Tensor names of one packed projection `P` in a checkpoint: `P.weight` holds the non-zero values
+# (docs/format.md `values`). Naming them `weight` makes a plain, unregistered transformers load fail
+# with a size mismatch ([nnz] vs [out, in]) instead of quietly building random projections.
+PACKED_KEYS = ("weight", "bitmap", "offsets", "shape")
+
+
+class SparseLinear(nn.Module):
+    """`y = sparsify(x) @ W.T + b` with `W` stored in the bitmap format (docs/format.md).
+
+    Buffers (all on one device):
+        weight: `[nnz]` float16/bfloat16/float32 non-zero values.
+        bitmap: `[in, ceil(out/32)]` int32.
+        offsets: `[in * ceil(out/1024) + 1]` int32.
+        shape: `[2]` int64 `(out, in)`, kept for the checkpoint.
+        bias: `[out]` or None.
+        threshold: `[in]` float32 for the threshold rule, else None.
+
+    Attributes:
+        topk_fraction: the top-k rule's `p_a`, or None (threshold rule or dense activations).
+    """
+
+    def __init__(self, in_features: int, out_features: int, nnz: int, *, dtype: torch.dtype,
+                 bias: bool = False, device: torch.device | str | None = None):
+        """An empty module of the given packed sizes (filled by `load_state_dict` or transformers)."""
+        super().__init__()
+        words, tiles = -(-out_features // 32), -(-out_features // 1024)
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(nnz, dtype=dtype, device=device))
+        self.register_buffer("bitmap", torch.empty(in_features, words, dtype=torch.int32, device=device))
+        self.register_buffer("offsets", torch.empty(in_features * tiles + 1, dtype=torch.int32,
+                                                    device=device))
+        self.register_buffer("shape", torch.tensor([out_features, in_features], device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device)
+                             if bias else None)
+        self.register_buffer("threshold", None)
+        self.topk_fraction: float | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype | None = None) -> SparseLinear:
+        """Pack a pruned `nn.Linear` (exact zeros); values in `dtype`, default the weight's."""
+        return cls.from_bitmap(BitmapWeight.from_dense(linear.weight.detach(), dtype), linear.bias)
+
+    @classmethod
+    def from_bitmap(cls, packed: BitmapWeight, bias: torch.Tensor | None = None) -> SparseLinear:
+        """Wrap a packed weight (and an optional `[out]` bias, kept in its own dtype)."""
+        out_features, in_features = packed.shape
+        module = cls(in_features, out_features, packed.values.numel(), dtype=packed.dtype,
+                     bias=bias is not None, device="meta")
+        module.weight, module.bitmap, module.offsets = packed.values, packed.bitmap, packed.offsets
+        module.shape = torch.tensor(packed.shape, device=packed.device)
+        if bias is not None:
+            module.bias = bias.detach()
+        return module
+
+    def packed(self) -> BitmapWeight:
+        """The weight as a `BitmapWeight`, validated (ValueError names a corrupted tensor)."""
+        return BitmapWeight.from_state_dict({k: getattr(self, k) for k in PACKED_KEYS[1:]}
+                                            | {"values": self.weight})
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes of the packed weight (values + bitmap + offsets)."""
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.bitmap, self.offsets))
+
+    def set_activation_rule(self, sparsity: ActivationSparsity, name: str) -> None:
+        """Use `sparsity`'s rule for this module, registered under its full name `name`."""
+        args = sparsity.kernel_args(name)
+        self.topk_fraction = args.get("topk_fraction")
+        threshold = args.get("threshold")
+        self.threshold = (None if threshold is None
+                          else threshold.to(device=self.bitmap.device, dtype=torch.float32).contiguous())
+
+    def dense_weight(self) -> torch.Tensor:
+        """`[out, in]` dense weight in the values dtype (a fresh tensor; the module keeps none)."""
+        return torch.ops.duogpt.bitmap_unpack(self.bitmap, self.weight, self.offsets, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x [..., in]` -> `[..., out]` in x's dtype."""
+        rows = x.reshape(-1, self.in_features)  # [tokens, in]
+        if rows.shape[0] <= MAX_TOKENS:
+            y = torch.ops.duogpt.spmspv(rows.contiguous(), self.bitmap, self.weight, self.offsets,
+                                        self.out_features, self.threshold, self.topk_fraction)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:
+            rows = sparsify(rows, self.threshold, self.topk_fraction)
+            y = F.linear(rows, self.dense_weight().to(rows.dtype),
+                         None if self.bias is None else self.bias.to(rows.dtype))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        density = self.weight.numel() / (self.in_features * self.out_features)
+        rule = (f"topk_fraction={self.topk_fraction}" if self.topk_fraction is not None
+                else "threshold" if self.threshold is not None else "dense activations")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"density={density:.3f}, values={self.weight.dtype}, {rule}")
+
+
+def sparse_projections(model: nn.Module) -> dict[str, SparseLinear]:
+    """`{"model.layers.3.mlp.up_proj": SparseLinear, ...}` of a model converted for the engine."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, SparseLinear)}
+
+
+def set_activation_sparsity(model: nn.Module, sparsity: ActivationSparsity) -> None:
+    """Give every `SparseLinear` of `model` the rule `sparsity` (thresholds looked up by name)."""
+    modules = sparse_projections(model)
+    if not modules:
+        raise ValueError("the model has no SparseLinear projections; load it with duogpt.load")
+    for name, module in modules.items():
+        module.set_activation_rule(sparsity, name)
+
+
+def convert_for_runtime(model: nn.Module, sparsity: ActivationSparsity,
+                        dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace the seven projections of every layer of a dense pruned model by `SparseLinear`
+    (in place; each dense weight is released as soon as it is packed). Returns `model`."""
+    projections = layer_map(model).named_projections()
+    for name, linear in projections.items():
+        parent, _, child = name.rpartition(".")
+        module = SparseLinear.from_linear(linear, dtype)
+        module.set_activation_rule(sparsity, name)
+        setattr(model.get_submodule(parent), child, module)
+    return model

@@ -1,0 +1,96 @@
+"""`duogpt eval`: perplexity, dense-fidelity and zero-shot tasks of a checkpoint or a plain model,
+with its activation sparsity active, reported as one JSON-able dict."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from duogpt.checkpoint import METADATA_FILE, read_metadata
+from duogpt.engine import load
+from duogpt.eval.data import eval_text, tokenize
+from duogpt.eval.fidelity import fidelity, sample_sequences
+from duogpt.eval.harness import zero_shot
+from duogpt.eval.perplexity import perplexity
+from duogpt.models import layer_map, load_model
+from duogpt.models.loading import resolve
+from duogpt.sparsity import ActivationSparsity, sparsified_inputs
+
+SELF_SEQUENCES = 4  # `--ppl self` default number of sampled sequences
+
+
+def checkpoint_summary(meta: dict) -> dict:
+    """duogpt.json without the per-module table."""
+    return {k: v for k, v in meta.items() if k != "layers"}
+
+
+def evaluate(model_ref: str, *, ppl: str | None = "wikitext2", seqlen: int = 2048,
+             max_windows: int | None = None, activation_sparsity: float | None = None,
+             tasks: tuple[str, ...] = (), reference: str | None = None, device: str = "cpu",
+             dtype: torch.dtype | None = None, batch_size: int = 1, limit: int | None = None,
+             include_path: str | None = None, seed: int = 0) -> dict:
+    """Evaluate a duogpt checkpoint (run by the sparse engine) or a plain model.
+
+    Args:
+        model_ref: a duogpt checkpoint folder (packed or dense format), or any model
+            `duogpt.models.load_model` accepts (hub id, folder, `smollm2-135m`).
+        ppl: `wikitext2`, `c4`, a text file, `self` (fidelity to the dense reference) or None.
+        seqlen: window (or sampled sequence) length in tokens.
+        max_windows: perplexity windows (for `self`: sampled sequences, default 4) at most.
+        activation_sparsity: top-k fraction to run with; None = the rule in duogpt.json, or dense
+            activations for a plain model.
+        tasks: lm-eval task names, run zero-shot.
+        reference: the dense model for `self`; default duogpt.json's `base_model`, or the plain
+            model itself with dense activations.
+        device, dtype: where and in which dtype to run (None = as stored).
+        batch_size, limit, include_path: passed to lm-eval (see `duogpt.eval.harness.zero_shot`).
+        seed: seed of the `self` sampling.
+
+    Returns:
+        `{"model", "metrics": {"perplexity"?, "fidelity"?, "tasks"?}, "settings", "checkpoint",
+        "versions"}`.
+    """
+    from duogpt.env import environment  # imports duogpt's version: deferred past package init
+
+    is_checkpoint = (Path(model_ref) / METADATA_FILE).is_file()
+    override = None if activation_sparsity is None else ActivationSparsity(activation_sparsity)
+    if is_checkpoint:
+        meta = read_metadata(model_ref)
+        model = load(model_ref, device=device, dtype=dtype, activation_sparsity=override)
+        rule = override.to_json() if override else dict(meta["activation_sparsity"])
+        active = contextlib.nullcontext()
+    else:
+        meta = None
+        model, _ = load_model(model_ref, dtype=dtype or "auto", device=device)
+        sparsity = override or ActivationSparsity()
+        rule = sparsity.to_json()
+        active = sparsified_inputs(layer_map(model).named_projections(), sparsity)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(model_ref))
+    metrics: dict = {}
+    with active:
+        if ppl == "self":
+            ref_name = reference or (meta["base_model"] if meta else model_ref)
+            ref_model, _ = load_model(ref_name, dtype=dtype or "auto", device=device)
+            first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            sequences = sample_sequences(ref_model, max_windows or SELF_SEQUENCES, seqlen, first, seed=seed)
+            metrics["fidelity"] = dict(fidelity(model, ref_model, sequences), reference=ref_name)
+        elif ppl is not None:
+            text, source = eval_text(ppl)
+            ids = tokenize(tokenizer, text)
+            windows = min(ids.shape[1] // seqlen, max_windows or ids.shape[1])
+            metrics["perplexity"] = {"dataset": ppl, "source": source, "value": perplexity(
+                model, ids, seqlen, max_windows), "windows": windows, "tokens": windows * seqlen}
+        if tasks:
+            metrics["tasks"] = zero_shot(model, tokenizer, list(tasks), batch_size=batch_size,
+                                         limit=limit, include_path=include_path)
+    settings = {"ppl": ppl, "seqlen": seqlen, "max_windows": max_windows, "activation_sparsity": rule,
+                "activation_sparsity_source": ("--activation-sparsity" if override else
+                                               "duogpt.json" if meta else "none"),
+                "engine": "sparse" if is_checkpoint else "dense", "tasks": list(tasks),
+                "num_fewshot": 0, "limit": limit, "device": device,
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    return {"model": model_ref, "metrics": metrics, "settings": settings,
+            "checkpoint": checkpoint_summary(meta) if meta else None, "versions": environment()}

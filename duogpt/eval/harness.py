@@ -1,0 +1,42 @@
+"""Zero-shot tasks through lm-evaluation-harness, on the in-memory model (`HFLM(pretrained=model)`).
+
+The model object is evaluated as it is: its SparseLinear projections (or activation-sparsity
+hooks) stay active. lm-eval is an optional extra (`pip install duogpt[eval]`), imported lazily.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+ZERO_SHOT = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "boolq")
+
+
+def zero_shot(model: nn.Module, tokenizer, tasks: list[str], *, batch_size: int = 1,
+              limit: int | None = None, include_path: str | os.PathLike | None = None) -> dict:
+    """Run `tasks` zero-shot; returns `{task: {metric: value}}` as reported by lm-eval.
+
+    Args:
+        model, tokenizer: the model to evaluate (on its device) and its tokenizer.
+        tasks: lm-eval task names.
+        batch_size: requests per forward.
+        limit: evaluate only the first N documents of each task (quick checks).
+        include_path: a folder of extra task YAMLs (e.g. a local task with local data).
+
+    Raises:
+        ValueError: lm-eval is not installed.
+    """
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ValueError("zero-shot tasks need lm-evaluation-harness: pip install 'duogpt[eval]' "
+                         "(or pip install lm-eval)") from None
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    manager = TaskManager(include_path=None if include_path is None else str(include_path))
+    out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit,
+                          task_manager=manager, log_samples=False)
+    return {task: {k: v for k, v in metrics.items() if k != "alias"}
+            for task, metrics in out["results"].items()}

@@ -1,0 +1,57 @@
+"""Perplexity over non-overlapping windows: the standard WikiText-2 protocol of SparseGPT/Wanda.
+
+The token stream is cut into `T // seqlen` windows of `seqlen` tokens (the tail is dropped); each
+window is scored independently (no context carried over) and the perplexity is
+`exp(mean next-token negative log-likelihood)` over all `seqlen - 1` predictions of all windows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def window_nlls(model: nn.Module, input_ids: torch.Tensor, seqlen: int,
+                max_windows: int | None = None) -> torch.Tensor:
+    """Per-window summed next-token NLL.
+
+    Args:
+        model: a causal LM returning `.logits [1, seqlen, vocab]`.
+        input_ids: `[1, T]` int64 tokens (CPU or the model's device).
+        seqlen: window length in tokens.
+        max_windows: score only the first K windows (quick checks); None = all.
+
+    Returns:
+        `[n_windows]` float64 on CPU: the summed NLL (nats) of the `seqlen - 1` predictions of each
+        window.
+
+    Raises:
+        ValueError: the stream is shorter than one window.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [1, T], got {tuple(input_ids.shape)}")
+    n = input_ids.shape[1] // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise ValueError(f"{input_ids.shape[1]} tokens make no window of {seqlen}; lower --seqlen "
+                         f"or use more text")
+    device = next(model.parameters()).device
+    nlls = torch.empty(n, dtype=torch.float64)
+    for i in range(n):
+        window = input_ids[:, i * seqlen:(i + 1) * seqlen].to(device)
+        logits = model(window, use_cache=False).logits[0, :-1].float()
+        nlls[i] = F.cross_entropy(logits, window[0, 1:], reduction="sum").double().cpu()
+    return nlls
+
+
+def perplexity(model: nn.Module, input_ids: torch.Tensor, seqlen: int,
+               max_windows: int | None = None) -> float:
+    """Perplexity of `model` on `input_ids [1, T]` over non-overlapping `seqlen` windows
+    (see `window_nlls` for the arguments)."""
+    nlls = window_nlls(model, input_ids, seqlen, max_windows)
+    return math.exp(nlls.sum().item() / (nlls.numel() * (seqlen - 1)))

@@ -1,0 +1,277 @@
+"""The sparse engine: prune -> pack -> load -> generate on a tiny random LLaMA, checked against the
+masked dense model (dense pruned weights, activation rule applied by hooks) in float32 on CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.quantizers import auto as hf_auto
+
+import duogpt
+from duogpt import cli
+from duogpt.checkpoint import save_pruned
+from duogpt.engine import SparseLinear, pack_checkpoint, save_packed, set_activation_sparsity
+from duogpt.engine.dense import to_dense_engine
+from duogpt.engine.generate import Decoder
+from duogpt.engine.sparse_linear import sparse_projections
+from duogpt.models import layer_map
+from duogpt.sparsity import ActivationSparsity, sparsified_inputs
+
+METADATA = {"method": "magnitude", "base_model": "tiny",
+            "weight_sparsity": {"type": "unstructured", "fraction": 0.5}, "format": "dense"}
+TOPK = ActivationSparsity(0.5)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A 300-token byte-level BPE trained in-process (no downloads)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the quick brown fox jumps over the lazy dog. " * 3, "sparse models decode fast, hello world"]
+    tok.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def tiny_pruned_model(seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer random LLaMA (GQA, tied embeddings) with every projection magnitude-pruned to 50 %."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=304, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for linear in layer_map(model).named_projections().values():
+            w = linear.weight
+            w[w.abs() <= w.abs().flatten().kthvalue(w.numel() // 2).values] = 0
+    return model
+
+
+def thresholds(model) -> ActivationSparsity:
+    """A threshold rule with a made-up threshold vector per projection (drops roughly half)."""
+    projections = layer_map(model).named_projections()
+    return ActivationSparsity(0.5, "threshold", {name: torch.rand(lin.in_features) * 0.8
+                                                 for name, lin in projections.items()})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """`(dense pruned model, tokenizer, dense checkpoint folder, packed folder)`, top-k 50 %."""
+    root = tmp_path_factory.mktemp("tiny")
+    model, tokenizer = tiny_pruned_model(), tiny_tokenizer()
+    dense = save_pruned(model, tokenizer, root / "dense", METADATA, TOPK)
+    return model, tokenizer, dense, pack_checkpoint(dense, root / "packed")
+
+
+def masked_dense_logits(model, sparsity, ids):
+    with torch.no_grad(), sparsified_inputs(layer_map(model).named_projections(), sparsity):
+        return model(ids).logits
+
+
+def test_packed_folder_layout(tiny):
+    _, _, dense, packed = tiny
+    config = json.loads((packed / "config.json").read_text())
+    assert config["quantization_config"] == {
+        "quant_method": "duogpt", "format": "bitmap", "format_version": 1,
+        "activation_sparsity": {"fraction": 0.5, "rule": "topk"}}
+    meta = duogpt.checkpoint.read_metadata(packed)
+    assert meta["format"] == "bitmap" and meta["method"] == "magnitude"
+    stats = meta["packing"]
+    assert stats["projection_bytes_packed"] < 0.6 * stats["projection_bytes_dense"]
+    tensors = load_file(packed / "model.safetensors")
+    assert "model.layers.0.mlp.up_proj.bitmap" in tensors and "model.embed_tokens.weight" in tensors
+    assert tensors["model.layers.0.mlp.up_proj.weight"].dim() == 1
+    assert (packed / "tokenizer.json").is_file()
+
+
+def test_load_gives_sparse_linear_holding_only_packed_weights(tiny):
+    _, _, _, packed = tiny
+    model = duogpt.load(packed)
+    projections = sparse_projections(model)
+    assert len(projections) == 2 * 7
+    assert not any(isinstance(m, torch.nn.Linear) and m is not model.lm_head for m in model.modules())
+    module = projections["model.layers.0.self_attn.q_proj"]
+    assert module.topk_fraction == 0.5 and module.nbytes < 0.6 * 64 * 64 * 4
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8, 20], ids=lambda t: f"T{t}")
+def test_packed_logits_equal_masked_dense(tiny, tokens):
+    """T <= 8 runs the spmspv kernel, T > 8 the unpack + GEMM path; both apply the same rule."""
+    model, _, _, packed = tiny
+    ids = torch.randint(0, 300, (1, tokens))
+    with torch.no_grad():
+        got = duogpt.load(packed)(ids).logits
+    torch.testing.assert_close(got, masked_dense_logits(model, TOPK, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_threshold_rule_travels_with_the_packed_weights(tiny, tmp_path):
+    model, tokenizer, _, _ = tiny
+    rule = thresholds(model)
+    dense = save_pruned(model, tokenizer, tmp_path / "dense", METADATA, rule)
+    packed = duogpt.load(pack_checkpoint(dense, tmp_path / "packed"))
+    assert packed.model.layers[1].mlp.down_proj.threshold is not None
+    ids = torch.randint(0, 300, (2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, masked_dense_logits(model, rule, ids),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_round_trip_generate_equals_masked_dense_greedy(tiny):
+    """prune -> pack -> load -> 32 greedy tokens == the masked dense model's, fp32 on CPU."""
+    model, _, _, packed = tiny
+    prompt = torch.randint(0, 300, (1, 5))
+    sparse = Decoder(duogpt.load(packed), max_seq_len=40).generate(prompt, 32)
+    with sparsified_inputs(layer_map(model).named_projections(), TOPK):
+        reference = Decoder(model, max_seq_len=40).generate(prompt, 32)
+    assert sparse.tokens.shape == (1, 32)
+    assert torch.equal(sparse.tokens, reference.tokens)
+
+
+def test_dense_checkpoint_is_packed_on_load(tiny):
+    model, _, dense, _ = tiny
+    loaded = duogpt.load(dense)
+    assert len(sparse_projections(loaded)) == 14
+    ids = torch.randint(0, 300, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, masked_dense_logits(model, TOPK, ids),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_activation_rule_override(tiny):
+    model, _, _, packed = tiny
+    loaded = duogpt.load(packed, activation_sparsity=ActivationSparsity(0.0))
+    ids = torch.randint(0, 300, (1, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no SparseLinear"):
+        set_activation_sparsity(model, TOPK)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "duogpt"])
+def test_dense_engine_runs_the_same_weights_without_activation_rule(tiny, kernel):
+    model, _, _, packed = tiny
+    engine = to_dense_engine(duogpt.load(packed), kernel)
+    assert not sparse_projections(engine)
+    ids = torch.randint(0, 300, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(engine(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_save_packed_equals_pack_of_saved(tiny, tmp_path):
+    model, tokenizer, _, packed = tiny
+    direct = save_packed(model, tokenizer, tmp_path / "direct", METADATA, TOPK)
+    a, b = load_file(direct / "model.safetensors"), load_file(packed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(p.name.startswith(".duogpt-dense") for p in tmp_path.iterdir())
+
+
+def test_pack_casts_storage_dtype(tiny, tmp_path):
+    _, _, dense, _ = tiny
+    packed = pack_checkpoint(dense, tmp_path / "bf16", dtype=torch.bfloat16)
+    model = duogpt.load(packed)
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="already packed"):
+        pack_checkpoint(packed, tmp_path / "again")
+
+
+def test_unregistered_load_fails_loudly(tiny, monkeypatch):
+    """Without duogpt's registration transformers would skip the quantizer; the packed values
+    stored as `P.weight` turn that into a size-mismatch error instead of random projections."""
+    _, _, _, packed = tiny
+    monkeypatch.delitem(hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, "duogpt")
+    monkeypatch.delitem(hf_auto.AUTO_QUANTIZER_MAPPING, "duogpt")
+    with pytest.raises(RuntimeError, match="mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(packed)
+
+
+def test_auto_model_loads_packed_after_import(tiny):
+    _, _, _, packed = tiny
+    model = AutoModelForCausalLM.from_pretrained(packed)
+    assert isinstance(model.model.layers[0].mlp.down_proj, SparseLinear)
+
+
+def _tampered(packed, tmp_path, edit):
+    bad = tmp_path / "bad"
+    shutil.copytree(packed, bad)
+    tensors = load_file(bad / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    return bad
+
+
+def test_corrupted_tensor_fails_with_clear_error(tiny, tmp_path):
+    def flip_a_bit(t):
+        t["model.layers.1.mlp.up_proj.bitmap"][3, 0] ^= 1
+    with pytest.raises(ValueError, match="corrupted at model.layers.1.mlp.up_proj"):
+        duogpt.load(_tampered(tiny[3], tmp_path, flip_a_bit))
+
+
+def test_missing_tensor_fails_with_clear_error(tiny, tmp_path):
+    def drop(t):
+        del t["model.layers.0.self_attn.k_proj.offsets"]
+    with pytest.raises(ValueError, match="missing 1 tensors"):
+        duogpt.load(_tampered(tiny[3], tmp_path, drop))
+
+
+def test_decode_step_traces_as_one_graph(tiny):
+    """The decode step has no graph break (what CUDA-graph capture needs); eager backend, so
+    only Dynamo's tracing is exercised on CPU."""
+    _, _, _, packed = tiny
+    decoder = Decoder(duogpt.load(packed), max_seq_len=16)
+    decoder._decode = torch.compile(decoder._step, backend="eager", fullgraph=True)
+    prompt = torch.randint(0, 300, (1, 4))
+    eager = Decoder(duogpt.load(packed), max_seq_len=16).generate(prompt, 6)
+    assert torch.equal(decoder.generate(prompt, 6).tokens, eager.tokens)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("engine", ["sparse", "dense"])
+def test_cuda_graph_decode_matches_eager(tiny, engine):
+    """float32, so Inductor's fused rounding cannot flip a near-tie of the tiny random model."""
+    _, _, _, packed = tiny
+    model = duogpt.load(packed, device="cuda")
+    if engine == "dense":
+        to_dense_engine(model)
+    prompt = torch.randint(0, 300, (2, 4))
+    eager = Decoder(model, max_seq_len=48).generate(prompt, 40)
+    torch._dynamo.reset()
+    graphed = Decoder(model, max_seq_len=48, compile=True)
+    graphed.generate(prompt, 40)  # compile and record
+    assert torch.equal(graphed.generate(prompt, 40).tokens, eager.tokens)
+
+
+def test_cli_pack_and_generate(tiny, tmp_path, capsys):
+    _, _, dense, _ = tiny
+    out = tmp_path / "cli-packed"
+    assert cli.main(["pack", str(dense), "--out", str(out), "--dtype", "float32"]) == 0
+    assert cli.main(["generate", str(out), "--prompt", "the quick", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "the quick" in printed and "tokens/s" in printed
+    assert cli.main(["pack", str(dense), "--out", str(out)]) == 2  # exists: a clear error, no traceback
+
+
+def test_bench_decode_report(tiny, capsys):
+    _, _, _, packed = tiny
+    assert cli.main(["bench", "decode", str(packed), "--batch-sizes", "1,2", "--new-tokens", "4",
+                     "--prompt-len", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "| sparse | 2 |" in printed and "| dense-duogpt | 1 |" in printed
+
+
+def test_bench_decode_fields(tiny):
+    from duogpt.engine.bench import bench_decode
+
+    report = bench_decode(str(tiny[3]), batches=(1,), new_tokens=3, prompt_len=2, dense_kernels=("torch",))
+    run = report["runs"][0]
+    assert {r["engine"] for r in report["runs"]} == {"sparse", "dense-torch"}
+    assert run["tokens_per_s"] > 0 and run["weight_bytes"] > 0 and run["peak_gpu_bytes"] is None
+    assert report["best_dense"] == {1: "dense-torch"} and report["speedup"][1] > 0
+    assert report["settings"]["compile"] is False and report["settings"]["dtype"] == "float32"

@@ -1,0 +1,144 @@
+"""Evaluation: the perplexity protocol, `duogpt eval` JSON, `--ppl self` fidelity, WikiText-2 from
+the shared data folder, and lm-eval on a local task with local data (skipped without lm-eval)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from test_engine import METADATA, TOPK, tiny_pruned_model, tiny_tokenizer
+
+from duogpt import cli
+from duogpt.checkpoint import save_pruned
+from duogpt.engine import pack_checkpoint
+from duogpt.eval import perplexity
+from duogpt.eval.data import eval_text
+from duogpt.eval.perplexity import window_nlls
+
+TEXT = " ".join(["the quick brown fox jumps over the lazy dog."] * 40)
+
+
+class Uniform(torch.nn.Module):
+    """A 'model' whose next-token distribution is uniform over `vocab` tokens."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids, use_cache=False):
+        return type("Out", (), {"logits": torch.zeros(*ids.shape, self.vocab)})()
+
+
+def test_perplexity_protocol_non_overlapping_windows():
+    ids = torch.randint(0, 50, (1, 103))
+    assert math.isclose(perplexity(Uniform(50), ids, seqlen=10), 50.0, rel_tol=1e-6)
+    assert window_nlls(Uniform(50), ids, 10).shape == (10,)  # tail of 3 tokens dropped
+    assert window_nlls(Uniform(50), ids, 10, max_windows=4).shape == (4,)
+    with pytest.raises(ValueError, match="no window"):
+        perplexity(Uniform(50), ids, seqlen=200)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    dense = save_pruned(tiny_pruned_model(), tiny_tokenizer(), root / "dense", METADATA, TOPK)
+    text = root / "text.txt"
+    text.write_text(TEXT)
+    return dense, pack_checkpoint(dense, root / "packed"), text
+
+
+def _eval(tmp_path, *argv) -> dict:
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", *map(str, argv), "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_eval_json_fields(checkpoints, tmp_path, capsys):
+    _, packed, text = checkpoints
+    report = _eval(tmp_path, packed, "--ppl", text, "--seqlen", 16, "--max-windows", 3)
+    ppl = report["metrics"]["perplexity"]
+    assert ppl["windows"] == 3 and ppl["tokens"] == 48 and ppl["value"] > 1
+    assert ppl["source"] == str(text.resolve())
+    settings = report["settings"]
+    assert settings["activation_sparsity"] == {"fraction": 0.5, "rule": "topk"}
+    assert settings["activation_sparsity_source"] == "duogpt.json" and settings["engine"] == "sparse"
+    assert settings["seqlen"] == 16 and settings["dtype"] == "float32"
+    assert report["checkpoint"]["method"] == "magnitude" and report["checkpoint"]["format"] == "bitmap"
+    assert {"version", "torch"} <= report["versions"].keys()
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_eval_dense_and_packed_agree_and_override(checkpoints, tmp_path):
+    dense, packed, text = checkpoints
+    args = ("--ppl", text, "--seqlen", 16, "--max-windows", 2)
+    a = _eval(tmp_path, dense, *args)["metrics"]["perplexity"]["value"]
+    b = _eval(tmp_path, packed, *args)["metrics"]["perplexity"]["value"]
+    assert math.isclose(a, b, rel_tol=1e-4)
+    off = _eval(tmp_path, packed, *args, "--activation-sparsity", 0)
+    assert off["settings"]["activation_sparsity_source"] == "--activation-sparsity"
+    assert off["metrics"]["perplexity"]["value"] != b
+
+
+def test_eval_self_fidelity(checkpoints, tmp_path):
+    dense, packed, _ = checkpoints
+    args = ("--ppl", "self", "--seqlen", 24, "--max-windows", 2, "--reference", dense)
+    exact = _eval(tmp_path, packed, *args, "--activation-sparsity", 0)["metrics"]["fidelity"]
+    assert exact["top1_agreement"] == 1.0 and exact["mean_kl"] < 1e-6 and exact["tokens"] == 46
+    sparse = _eval(tmp_path, packed, *args)["metrics"]["fidelity"]
+    assert sparse["mean_kl"] > 1e-4 and 0.0 <= sparse["top1_agreement"] <= 1.0
+    assert sparse["reference"] == str(dense)
+
+
+def test_wikitext2_from_shared_data(data_dir, monkeypatch):
+    monkeypatch.setenv("DUOGPT_DATA", str(data_dir))
+    text, source = eval_text("wikitext2")
+    assert source.endswith("wiki.test.raw") and "\r\n" not in text and len(text) > 1_000_000
+
+
+def test_named_sets_without_local_data_fail_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv("DUOGPT_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match="DUOGPT_DATA"):
+        eval_text("wikitext2")
+    with pytest.raises(ValueError, match="--ppl FILE"):
+        eval_text("c4")
+    with pytest.raises(ValueError, match="neither"):
+        eval_text(str(tmp_path / "missing.txt"))
+
+
+LOCAL_TASK = """\
+task: duogpt_local_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_local_task_runs_the_sparse_model(checkpoints, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'duogpt[eval]'")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    _, packed, _ = checkpoints
+    docs = [{"question": "the quick brown", "choices": [" fox", " dog"], "label": 0},
+            {"question": "the lazy", "choices": [" dog", " fox"], "label": 0},
+            {"question": "hello", "choices": [" world", " fast"], "label": 0}]
+    data = tmp_path / "local.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "local.yaml").write_text(LOCAL_TASK.format(data=data))
+    report = _eval(tmp_path, packed, "--ppl", "none", "--tasks", "duogpt_local_choice",
+                   "--include-path", tasks)
+    acc = report["metrics"]["tasks"]["duogpt_local_choice"]["acc,none"]
+    assert 0.0 <= acc <= 1.0 and report["settings"]["tasks"] == ["duogpt_local_choice"]
