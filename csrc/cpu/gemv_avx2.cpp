@@ -141,6 +141,57 @@ void accumulate(const uint32_t* words, int64_t nwords, const void* values, int64
   }
 }
 
+// kGroup channels into b accumulator rows: per 8 rows, the kGroup expanded weight vectors are
+// summed into each token's accumulator with one load and one store. All x are finite (the zero
+// lanes of an expansion contribute x * 0 = 0) and every channel is readable 8 values past its end.
+template <typename V, int B>
+void accumulate_group_tokens(const uint32_t* const* words, int64_t nwords, const void* const* values,
+                             const float* x, float* acc, int64_t ld) {
+  const typename V::T* v[kGroup];
+  __m256 xb[kGroup][B];
+  for (int c = 0; c < kGroup; ++c) {
+    v[c] = static_cast<const typename V::T*>(values[c]);
+    for (int t = 0; t < B; ++t) xb[c][t] = _mm256_set1_ps(x[c * B + t]);
+  }
+  for (int64_t q = 0; q < nwords; ++q) {
+    uint32_t m[kGroup], any = 0;
+    for (int c = 0; c < kGroup; ++c) any |= m[c] = words[c][q];
+    if (any == 0) continue;
+    float* a = acc + q * 32;
+    for (int byte = 0; byte < 4; ++byte) {
+      __m256 w[kGroup];
+      for (int c = 0; c < kGroup; ++c) {
+        const uint32_t mb = (m[c] >> (8 * byte)) & 0xffu;
+        w[c] = V::expand8(v[c], mb);
+        v[c] += _mm_popcnt_u32(mb);
+      }
+      for (int t = 0; t < B; ++t) {
+        float* at = a + t * ld + 8 * byte;
+        // A pairwise sum keeps the dependency chain through the accumulator short.
+        const __m256 s01 = _mm256_fmadd_ps(xb[1][t], w[1], _mm256_mul_ps(xb[0][t], w[0]));
+        const __m256 s23 = _mm256_fmadd_ps(xb[3][t], w[3], _mm256_mul_ps(xb[2][t], w[2]));
+        _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), _mm256_add_ps(s01, s23)));
+      }
+    }
+  }
+}
+static_assert(kGroup == 4, "accumulate_group_tokens sums exactly four channels");
+
+template <typename V>
+void accumulate_group(const uint32_t* const* words, int64_t nwords, const void* const* values,
+                      const float* x, int64_t b, float* acc, int64_t ld) {
+  switch (b) {
+    case 1: return accumulate_group_tokens<V, 1>(words, nwords, values, x, acc, ld);
+    case 2: return accumulate_group_tokens<V, 2>(words, nwords, values, x, acc, ld);
+    case 3: return accumulate_group_tokens<V, 3>(words, nwords, values, x, acc, ld);
+    case 4: return accumulate_group_tokens<V, 4>(words, nwords, values, x, acc, ld);
+    case 5: return accumulate_group_tokens<V, 5>(words, nwords, values, x, acc, ld);
+    case 6: return accumulate_group_tokens<V, 6>(words, nwords, values, x, acc, ld);
+    case 7: return accumulate_group_tokens<V, 7>(words, nwords, values, x, acc, ld);
+    default: return accumulate_group_tokens<V, 8>(words, nwords, values, x, acc, ld);
+  }
+}
+
 // ---- dense rows ---------------------------------------------------------------------------------
 
 inline float hsum(__m256 v) {
@@ -208,6 +259,7 @@ const GemvKernels& gemv_kernels_avx2() {
   using namespace avx2;
   static const GemvKernels k{"avx2",
                              {accumulate<F32>, accumulate<F16>, accumulate<BF16>},
+                             {accumulate_group<F32>, accumulate_group<F16>, accumulate_group<BF16>},
                              {dense<F32>, dense<F16>, dense<BF16>}};
   return k;
 }

@@ -184,6 +184,7 @@ const GemvKernels& gemv_kernels_avx512() {
   using namespace avx512;
   static const GemvKernels k{"avx512",
                              {accumulate<F32>, accumulate<F16>, accumulate<BF16>},
+                             {nullptr, nullptr, nullptr},
                              {dense<F32>, dense<F16>, dense<BF16>}};
   return k;
 }

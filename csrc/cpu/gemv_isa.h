@@ -14,6 +14,17 @@ using AccumulateChannelFn = void (*)(const uint32_t* words, int64_t nwords, cons
                                      int64_t readable, const float* x, int64_t b, float* acc,
                                      int64_t ld);
 
+/// Channels taken together by AccumulateGroupFn.
+constexpr int kGroup = 4;
+
+/// The same for kGroup channels at once, so that each accumulator vector is loaded and stored once
+/// per group instead of once per channel: channel c has its bitmap row `words[c]`, its values
+/// `values[c]` (readable for 8 values past its last non-zero) and its activations x[c * b + t],
+/// all finite. Null for instruction sets without one: the caller then goes channel by channel.
+using AccumulateGroupFn = void (*)(const uint32_t* const* words, int64_t nwords,
+                                   const void* const* values, const float* x, int64_t b, float* acc,
+                                   int64_t ld);
+
 /// y[t * n + r] = sum_j x[t * k + j] * w[r * k + j] for rows r in [r0, r1), t < b.
 using DenseRowsFn = void (*)(const void* w, int64_t k, const float* x, int64_t b, int64_t r0,
                              int64_t r1, float* y, int64_t n);
@@ -22,6 +33,7 @@ using DenseRowsFn = void (*)(const void* w, int64_t k, const float* x, int64_t b
 struct GemvKernels {
   const char* name;
   AccumulateChannelFn accumulate[3];
+  AccumulateGroupFn accumulate_group[3];
   DenseRowsFn dense[3];
 };
 

@@ -50,6 +50,7 @@ void dense(const void* w, int64_t k, const float* x, int64_t b, int64_t r0, int6
 const GemvKernels& gemv_kernels_scalar() {
   static const GemvKernels k{"scalar",
                              {accumulate<float>, accumulate<Half>, accumulate<BHalf>},
+                             {nullptr, nullptr, nullptr},
                              {dense<float>, dense<Half>, dense<BHalf>}};
   return k;
 }

@@ -178,6 +178,12 @@ void apply_rule(float* xs, int64_t b, int64_t k, const ActivationRule& rule, uin
   }
 }
 
+bool all_finite(const float* x, int64_t count) {
+  bool finite = true;
+  for (int64_t i = 0; i < count; ++i) finite &= (x[i] - x[i]) == 0.0f;
+  return finite;
+}
+
 void check_gemv_sizes(Dtype x_dt, Dtype w_dt, int64_t b, int64_t k, int64_t n) {
   DUOGPT_CHECK(valid_dtype(int64_t(x_dt)) && valid_dtype(int64_t(w_dt)), "unknown dtype code");
   DUOGPT_CHECK(b >= 1 && b <= kMaxTokens, "b must be in [1, ", kMaxTokens, "], got ", b);
@@ -240,6 +246,7 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
 
   const cpu::GemvKernels& kernels = cpu::active_gemv_kernels();
   const auto accumulate = kernels.accumulate[int64_t(v_dt)];
+  const auto group = kernels.accumulate_group[int64_t(v_dt)];
   const auto* bm = reinterpret_cast<const uint32_t*>(bitmap);
   const char* vbytes = static_cast<const char*>(values);
   const int64_t vsize = dtype_size(v_dt);
@@ -257,11 +264,29 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
     const int64_t a0 = bound(th), a1 = th + 1 == threads ? n_active : bound(th + 1);
     float* mine = acc + th * b * ld;
     std::fill_n(mine, b * ld, 0.0f);
-    for (int64_t a = a0; a < a1; ++a) {
-      const int64_t j = active[a];
-      const int64_t start = offsets[j * tiles];
+    auto one = [&](int64_t a) {
+      const int64_t j = active[a], start = offsets[j * tiles];
       accumulate(bm + j * words, words, vbytes + start * vsize, nnz - start, xa + a * b, b, mine, ld);
+    };
+    int64_t a = a0;
+    for (; group != nullptr && a + cpu::kGroup <= a1; a += cpu::kGroup) {
+      // The group kernel reads up to 8 values past each channel and multiplies zero weights by x.
+      const bool safe = offsets[(active[a + cpu::kGroup - 1] + 1) * tiles] + 8 <= nnz &&
+                        all_finite(xa + a * b, cpu::kGroup * b);
+      if (!safe) {
+        for (int c = 0; c < cpu::kGroup; ++c) one(a + c);
+        continue;
+      }
+      const uint32_t* gw[cpu::kGroup];
+      const void* gv[cpu::kGroup];
+      for (int c = 0; c < cpu::kGroup; ++c) {
+        const int64_t j = active[a + c];
+        gw[c] = bm + j * words;
+        gv[c] = vbytes + offsets[j * tiles] * vsize;
+      }
+      group(gw, words, gv, xa + a * b, b, mine, ld);
     }
+    for (; a < a1; ++a) one(a);
 #pragma omp barrier
     // Sum the buffers into thread 0's, then convert, over this thread's rows.
     int64_t r0, r1;
