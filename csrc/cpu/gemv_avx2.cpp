@@ -129,16 +129,7 @@ void accumulate(const uint32_t* words, int64_t nwords, const void* values, int64
     for (int64_t q = 0; q < nwords; ++q) v = accumulate_word_scalar<V>(words[q], v, x, b, acc + q * 32, ld);
     return;
   }
-  switch (b) {
-    case 1: return accumulate_tokens<V, 1>(words, nwords, v, readable, x, acc, ld);
-    case 2: return accumulate_tokens<V, 2>(words, nwords, v, readable, x, acc, ld);
-    case 3: return accumulate_tokens<V, 3>(words, nwords, v, readable, x, acc, ld);
-    case 4: return accumulate_tokens<V, 4>(words, nwords, v, readable, x, acc, ld);
-    case 5: return accumulate_tokens<V, 5>(words, nwords, v, readable, x, acc, ld);
-    case 6: return accumulate_tokens<V, 6>(words, nwords, v, readable, x, acc, ld);
-    case 7: return accumulate_tokens<V, 7>(words, nwords, v, readable, x, acc, ld);
-    default: return accumulate_tokens<V, 8>(words, nwords, v, readable, x, acc, ld);
-  }
+  with_tokens(b, [&](auto B) { accumulate_tokens<V, decltype(B)::value>(words, nwords, v, readable, x, acc, ld); });
 }
 
 // kGroup channels into b accumulator rows: per 8 rows, the kGroup expanded weight vectors are
@@ -180,16 +171,7 @@ static_assert(kGroup == 4, "accumulate_group_tokens sums exactly four channels")
 template <typename V>
 void accumulate_group(const uint32_t* const* words, int64_t nwords, const void* const* values,
                       const float* x, int64_t b, float* acc, int64_t ld) {
-  switch (b) {
-    case 1: return accumulate_group_tokens<V, 1>(words, nwords, values, x, acc, ld);
-    case 2: return accumulate_group_tokens<V, 2>(words, nwords, values, x, acc, ld);
-    case 3: return accumulate_group_tokens<V, 3>(words, nwords, values, x, acc, ld);
-    case 4: return accumulate_group_tokens<V, 4>(words, nwords, values, x, acc, ld);
-    case 5: return accumulate_group_tokens<V, 5>(words, nwords, values, x, acc, ld);
-    case 6: return accumulate_group_tokens<V, 6>(words, nwords, values, x, acc, ld);
-    case 7: return accumulate_group_tokens<V, 7>(words, nwords, values, x, acc, ld);
-    default: return accumulate_group_tokens<V, 8>(words, nwords, values, x, acc, ld);
-  }
+  with_tokens(b, [&](auto B) { accumulate_group_tokens<V, decltype(B)::value>(words, nwords, values, x, acc, ld); });
 }
 
 // ---- dense rows ---------------------------------------------------------------------------------
@@ -240,16 +222,7 @@ template <typename V>
 void dense(const void* w, int64_t k, const float* x, int64_t b, int64_t r0, int64_t r1, float* y,
            int64_t n) {
   const auto* wt = static_cast<const typename V::T*>(w);
-  switch (b) {
-    case 1: return dense_tokens<V, 1>(wt, k, x, r0, r1, y, n);
-    case 2: return dense_tokens<V, 2>(wt, k, x, r0, r1, y, n);
-    case 3: return dense_tokens<V, 3>(wt, k, x, r0, r1, y, n);
-    case 4: return dense_tokens<V, 4>(wt, k, x, r0, r1, y, n);
-    case 5: return dense_tokens<V, 5>(wt, k, x, r0, r1, y, n);
-    case 6: return dense_tokens<V, 6>(wt, k, x, r0, r1, y, n);
-    case 7: return dense_tokens<V, 7>(wt, k, x, r0, r1, y, n);
-    default: return dense_tokens<V, 8>(wt, k, x, r0, r1, y, n);
-  }
+  with_tokens(b, [&](auto B) { dense_tokens<V, decltype(B)::value>(wt, k, x, r0, r1, y, n); });
 }
 
 }  // namespace

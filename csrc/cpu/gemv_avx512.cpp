@@ -100,16 +100,7 @@ template <typename V>
 void accumulate(const uint32_t* words, int64_t nwords, const void* values, int64_t /*readable*/,
                 const float* x, int64_t b, float* acc, int64_t ld) {
   const auto* v = static_cast<const typename V::T*>(values);
-  switch (b) {
-    case 1: return accumulate_tokens<V, 1>(words, nwords, v, x, acc, ld);
-    case 2: return accumulate_tokens<V, 2>(words, nwords, v, x, acc, ld);
-    case 3: return accumulate_tokens<V, 3>(words, nwords, v, x, acc, ld);
-    case 4: return accumulate_tokens<V, 4>(words, nwords, v, x, acc, ld);
-    case 5: return accumulate_tokens<V, 5>(words, nwords, v, x, acc, ld);
-    case 6: return accumulate_tokens<V, 6>(words, nwords, v, x, acc, ld);
-    case 7: return accumulate_tokens<V, 7>(words, nwords, v, x, acc, ld);
-    default: return accumulate_tokens<V, 8>(words, nwords, v, x, acc, ld);
-  }
+  with_tokens(b, [&](auto B) { accumulate_tokens<V, decltype(B)::value>(words, nwords, v, x, acc, ld); });
 }
 
 // ---- dense rows ---------------------------------------------------------------------------------
@@ -165,16 +156,7 @@ template <typename V>
 void dense(const void* w, int64_t k, const float* x, int64_t b, int64_t r0, int64_t r1, float* y,
            int64_t n) {
   const auto* wt = static_cast<const typename V::T*>(w);
-  switch (b) {
-    case 1: return dense_tokens<V, 1>(wt, k, x, r0, r1, y, n);
-    case 2: return dense_tokens<V, 2>(wt, k, x, r0, r1, y, n);
-    case 3: return dense_tokens<V, 3>(wt, k, x, r0, r1, y, n);
-    case 4: return dense_tokens<V, 4>(wt, k, x, r0, r1, y, n);
-    case 5: return dense_tokens<V, 5>(wt, k, x, r0, r1, y, n);
-    case 6: return dense_tokens<V, 6>(wt, k, x, r0, r1, y, n);
-    case 7: return dense_tokens<V, 7>(wt, k, x, r0, r1, y, n);
-    default: return dense_tokens<V, 8>(wt, k, x, r0, r1, y, n);
-  }
+  with_tokens(b, [&](auto B) { dense_tokens<V, decltype(B)::value>(wt, k, x, r0, r1, y, n); });
 }
 
 }  // namespace

@@ -37,6 +37,27 @@ struct GemvKernels {
   DenseRowsFn dense[3];
 };
 
+/// Calls f(Tokens<B>{}) with B = b, 1 <= b <= 8: the SIMD loops are specialised for the token
+/// count so that their per-token vectors live in registers. (A plain struct rather than
+/// std::integral_constant: the ISA files instantiate no std template, see gemv_avx2.cpp.)
+template <int B>
+struct Tokens {
+  static constexpr int value = B;
+};
+template <typename F>
+inline void with_tokens(int64_t b, F&& f) {
+  switch (b) {
+    case 1: return f(Tokens<1>{});
+    case 2: return f(Tokens<2>{});
+    case 3: return f(Tokens<3>{});
+    case 4: return f(Tokens<4>{});
+    case 5: return f(Tokens<5>{});
+    case 6: return f(Tokens<6>{});
+    case 7: return f(Tokens<7>{});
+    default: return f(Tokens<8>{});
+  }
+}
+
 const GemvKernels& gemv_kernels_scalar();
 #if defined(DUOGPT_X86_SIMD)
 const GemvKernels& gemv_kernels_avx2();
