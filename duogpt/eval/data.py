@@ -23,6 +23,12 @@ def data_dir() -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
+def wikitext2_path() -> Path | None:
+    """The local WikiText-2 test text (`wiki.test.raw` under `data_dir()`), if present."""
+    folder = data_dir()
+    return folder / WIKITEXT2 if folder is not None and (folder / WIKITEXT2).is_file() else None
+
+
 def eval_text(source: str) -> tuple[str, str]:
     """`(text, resolved source)` for `wikitext2`, `c4` or a text file path.
 
@@ -30,11 +36,11 @@ def eval_text(source: str) -> tuple[str, str]:
         ValueError: the named set is not available offline, or the file does not exist.
     """
     if source == "wikitext2":
-        folder = data_dir()
-        if folder is None or not (folder / WIKITEXT2).is_file():
+        path = wikitext2_path()
+        if path is None:
             raise ValueError(f"WikiText-2 test text not found: set DUOGPT_DATA to a folder holding "
                              f"{WIKITEXT2}, or pass a text file (--ppl FILE) or --ppl self")
-        return (folder / WIKITEXT2).read_text(encoding="utf-8").replace("\r\n", "\n"), str(folder / WIKITEXT2)
+        return path.read_text(encoding="utf-8").replace("\r\n", "\n"), str(path)
     if source == "c4":
         raise ValueError("C4 needs a dataset hub, which duogpt does not use; save C4 validation text "
                          "to a file and pass --ppl FILE, or use --ppl wikitext2 or --ppl self")

@@ -4,9 +4,11 @@ with its activation sparsity active, reported as one JSON-able dict."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoTokenizer
 
 from duogpt.checkpoint import METADATA_FILE, read_metadata
@@ -14,7 +16,7 @@ from duogpt.engine import load
 from duogpt.eval.data import eval_text, tokenize
 from duogpt.eval.fidelity import fidelity, sample_sequences
 from duogpt.eval.harness import zero_shot
-from duogpt.eval.perplexity import perplexity
+from duogpt.eval.perplexity import num_windows, perplexity
 from duogpt.models import layer_map, load_model
 from duogpt.models.loading import resolve
 from duogpt.sparsity import ActivationSparsity, sparsified_inputs
@@ -25,6 +27,51 @@ SELF_SEQUENCES = 4  # `--ppl self` default number of sampled sequences
 def checkpoint_summary(meta: dict) -> dict:
     """duogpt.json without the per-module table."""
     return {k: v for k, v in meta.items() if k != "layers"}
+
+
+def activation_rule(model: nn.Module, sparsity: ActivationSparsity) -> contextlib.AbstractContextManager:
+    """Within the block, a plain Hugging Face `model` (not loaded by the duogpt engine, which
+    applies its own rule) runs the 7 projections of every layer with `sparsity` (forward hooks)."""
+    return sparsified_inputs(layer_map(model).named_projections(), sparsity)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerplexityText:
+    """Evaluation text tokenized once, to score several models (e.g. before and after pruning).
+
+    Attributes:
+        dataset: `wikitext2` or a text file, as asked for.
+        source: the file read.
+        input_ids: `[1, T]` int64 on CPU, no special tokens added.
+        seqlen: tokens per window.
+        windows: windows scored: `T // seqlen`, capped by `max_windows` of `load`.
+    """
+
+    dataset: str
+    source: str
+    input_ids: torch.Tensor
+    seqlen: int
+    windows: int
+
+    @classmethod
+    def load(cls, dataset: str, tokenizer, seqlen: int, max_windows: int | None = None) -> PerplexityText:
+        """Read and tokenize `wikitext2` or a text file (see `duogpt.eval.data.eval_text`).
+
+        Raises:
+            ValueError: the text is not found, or makes no window of `seqlen` tokens.
+        """
+        text, source = eval_text(dataset)
+        ids = tokenize(tokenizer, text)
+        return cls(dataset, source, ids, seqlen, num_windows(ids.shape[1], seqlen, max_windows))
+
+    def score(self, model: nn.Module) -> float:
+        """Perplexity of `model` over the windows (the activation rule is the caller's business)."""
+        return perplexity(model, self.input_ids, self.seqlen, self.windows)
+
+    def describe(self) -> dict:
+        """`{dataset, source, seqlen, windows, tokens}`, JSON-able."""
+        return {"dataset": self.dataset, "source": self.source, "seqlen": self.seqlen,
+                "windows": self.windows, "tokens": self.windows * self.seqlen}
 
 
 def evaluate(model_ref: str, *, ppl: str | None = "wikitext2", seqlen: int = 2048,
@@ -67,7 +114,7 @@ def evaluate(model_ref: str, *, ppl: str | None = "wikitext2", seqlen: int = 204
         model, _ = load_model(model_ref, dtype=dtype or "auto", device=device)
         sparsity = override or ActivationSparsity()
         rule = sparsity.to_json()
-        active = sparsified_inputs(layer_map(model).named_projections(), sparsity)
+        active = activation_rule(model, sparsity)
     tokenizer = AutoTokenizer.from_pretrained(resolve(model_ref))
     metrics: dict = {}
     with active:
@@ -78,11 +125,8 @@ def evaluate(model_ref: str, *, ppl: str | None = "wikitext2", seqlen: int = 204
             sequences = sample_sequences(ref_model, max_windows or SELF_SEQUENCES, seqlen, first, seed=seed)
             metrics["fidelity"] = dict(fidelity(model, ref_model, sequences), reference=ref_name)
         elif ppl is not None:
-            text, source = eval_text(ppl)
-            ids = tokenize(tokenizer, text)
-            windows = min(ids.shape[1] // seqlen, max_windows or ids.shape[1])
-            metrics["perplexity"] = {"dataset": ppl, "source": source, "value": perplexity(
-                model, ids, seqlen, max_windows), "windows": windows, "tokens": windows * seqlen}
+            text = PerplexityText.load(ppl, tokenizer, seqlen, max_windows)
+            metrics["perplexity"] = dict(text.describe(), value=text.score(model))
         if tasks:
             metrics["tasks"] = zero_shot(model, tokenizer, list(tasks), batch_size=batch_size,
                                          limit=limit, include_path=include_path)

@@ -14,6 +14,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def num_windows(tokens: int, seqlen: int, max_windows: int | None = None) -> int:
+    """How many windows `tokens` tokens give: `tokens // seqlen`, at most `max_windows`.
+
+    Raises:
+        ValueError: `seqlen < 2` (nothing to predict), `max_windows < 1`, or not one whole window.
+    """
+    if seqlen < 2 or (max_windows is not None and max_windows < 1):
+        raise ValueError(f"need seqlen >= 2 and at least one window, got seqlen {seqlen} and "
+                         f"max_windows {max_windows}")
+    n = tokens // seqlen
+    if n < 1:
+        raise ValueError(f"{tokens} tokens make no window of {seqlen}; lower --seqlen or use more text")
+    return n if max_windows is None else min(n, max_windows)
+
+
 @torch.no_grad()
 def window_nlls(model: nn.Module, input_ids: torch.Tensor, seqlen: int,
                 max_windows: int | None = None) -> torch.Tensor:
@@ -30,16 +45,11 @@ def window_nlls(model: nn.Module, input_ids: torch.Tensor, seqlen: int,
         window.
 
     Raises:
-        ValueError: the stream is shorter than one window.
+        ValueError: the stream is shorter than one window (see `num_windows`).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, T], got {tuple(input_ids.shape)}")
-    n = input_ids.shape[1] // seqlen
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n < 1:
-        raise ValueError(f"{input_ids.shape[1]} tokens make no window of {seqlen}; lower --seqlen "
-                         f"or use more text")
+    n = num_windows(input_ids.shape[1], seqlen, max_windows)
     device = next(model.parameters()).device
     nlls = torch.empty(n, dtype=torch.float64)
     for i in range(n):
