@@ -16,10 +16,13 @@ namespace {
 
 // AVX2 has no expand instruction: one table entry per bitmap byte moves the next popcount(byte)
 // packed values to the set-bit lanes of an 8-lane vector. `half[m]` is a PSHUFB control for eight
-// 16-bit values (0x80 zeroes a lane); `word[m]` a VPERMPS index for eight 32-bit values whose
-// sign bit marks the lanes to zero.
+// 16-bit values (0x80 zeroes a lane); `bf16[m]` one that puts eight bfloat16 values, broadcast to
+// both 128-bit halves, into the top halves of eight float32 lanes (the widening done by the
+// shuffle); `word[m]` a VPERMPS index for eight 32-bit values whose sign bit marks the lanes to
+// zero.
 struct ExpandTables {
   alignas(16) uint8_t half[256][16];
+  alignas(32) uint8_t bf16[256][32];
   int8_t word[256][8];
 };
 
@@ -31,6 +34,9 @@ constexpr ExpandTables make_expand_tables() {
       const bool set = (m >> lane) & 1;
       t.half[m][2 * lane] = set ? uint8_t(2 * next) : 0x80;
       t.half[m][2 * lane + 1] = set ? uint8_t(2 * next + 1) : 0x80;
+      t.bf16[m][4 * lane] = t.bf16[m][4 * lane + 1] = 0x80;
+      t.bf16[m][4 * lane + 2] = t.half[m][2 * lane];
+      t.bf16[m][4 * lane + 3] = t.half[m][2 * lane + 1];
       t.word[m][lane] = set ? int8_t(next) : int8_t(-128);
       next += set;
     }
@@ -70,8 +76,9 @@ struct BF16 {
   static __m256 load8(const T* p) { return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static float load1(const T* p) { return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(int(*p) << 16))); }
   static __m256 expand8(const T* v, uint32_t m) {
-    const __m128i ctl = _mm_load_si128(reinterpret_cast<const __m128i*>(kExpand.half[m]));
-    return widen(_mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)), ctl));
+    const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.bf16[m]));
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(both, ctl));
   }
 };
 
