@@ -146,20 +146,19 @@ template <typename V, int B>
 void accumulate_group_tokens(const uint32_t* const* words, int64_t nwords, const void* const* values,
                              const float* x, float* acc, int64_t ld) {
   const typename V::T* v[kGroup];
+  const uint8_t* bits[kGroup];  // the bitmap read byte by byte (x86 is little-endian)
   __m256 xb[kGroup][B];
   for (int c = 0; c < kGroup; ++c) {
     v[c] = static_cast<const typename V::T*>(values[c]);
+    bits[c] = reinterpret_cast<const uint8_t*>(words[c]);
     for (int t = 0; t < B; ++t) xb[c][t] = _mm256_set1_ps(x[c * B + t]);
   }
   for (int64_t q = 0; q < nwords; ++q) {
-    uint32_t m[kGroup], any = 0;
-    for (int c = 0; c < kGroup; ++c) any |= m[c] = words[c][q];
-    if (any == 0) continue;
     float* a = acc + q * 32;
     for (int byte = 0; byte < 4; ++byte) {
       __m256 w[kGroup];
       for (int c = 0; c < kGroup; ++c) {
-        const uint32_t mb = (m[c] >> (8 * byte)) & 0xffu;
+        const uint32_t mb = bits[c][4 * q + byte];
         w[c] = V::expand8(v[c], mb);
         v[c] += _mm_popcnt_u32(mb);
       }
