@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from duogpt import _native
-from duogpt.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from duogpt.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor, require
 from duogpt.ops._library import define
 from duogpt.ops.reference import TILE_ROWS, WORD_BITS
 
@@ -26,10 +26,10 @@ def _check_unpack(bitmap, values, offsets, out_features: int) -> None:
     check_same_device(("bitmap", bitmap), ("values", values), ("offsets", offsets))
     k = bitmap.shape[0]
     words, tiles = packed_sizes(out_features, k)
-    torch._check_value(out_features > 0, lambda: f"out_features must be positive, got {out_features}")
-    torch._check_value(bitmap.shape[1] == words, lambda: f"bitmap has {bitmap.shape[1]} words per "
+    require(out_features > 0, lambda: f"out_features must be positive, got {out_features}")
+    require(bitmap.shape[1] == words, lambda: f"bitmap has {bitmap.shape[1]} words per "
                        f"channel but out_features={out_features} needs {words}")
-    torch._check_value(offsets.shape[0] == k * tiles + 1, lambda: f"offsets has {offsets.shape[0]} "
+    require(offsets.shape[0] == k * tiles + 1, lambda: f"offsets has {offsets.shape[0]} "
                        f"entries, expected in_features * tiles + 1 = {k * tiles + 1}")
 
 
@@ -79,7 +79,7 @@ def _pack_cuda(w):
             C.bitmap_index_cuda(w.data_ptr(), code, n, k, bitmap.data_ptr(), offsets.data_ptr(),
                                 nnz.data_ptr(), s)
             count = int(nnz.item())  # the value count sizes the output: one host sync
-            torch._check_value(count < 2**31, lambda: f"the weight has {count} non-zeros; the "
+            require(count < 2**31, lambda: f"the weight has {count} non-zeros; the "
                                "bitmap format's int32 offsets hold fewer than 2^31: split the matrix")
             return count
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from duogpt import _native
-from duogpt.ops._checks import FLOAT_DTYPES, check_fraction, check_same_device, check_tensor
+from duogpt.ops._checks import FLOAT_DTYPES, check_fraction, check_same_device, check_tensor, require
 from duogpt.ops._library import define
 from duogpt.ops.bitmap import _check_unpack
 
@@ -18,9 +18,9 @@ MAX_TOKENS = 8  # csrc/include/duogpt/spmspv.h kMaxTokens
 
 def _check_x(x: torch.Tensor, in_features: int) -> None:
     check_tensor(x, "x", dtypes=FLOAT_DTYPES, dim=2)
-    torch._check_value(1 <= x.shape[0] <= MAX_TOKENS, lambda: f"x must hold 1 to {MAX_TOKENS} "
+    require(1 <= x.shape[0] <= MAX_TOKENS, lambda: f"x must hold 1 to {MAX_TOKENS} "
                        f"tokens (rows), got {x.shape[0]}; use a dense GEMM for longer inputs")
-    torch._check_value(x.shape[1] == in_features, lambda: f"x has {x.shape[1]} features but the "
+    require(x.shape[1] == in_features, lambda: f"x has {x.shape[1]} features but the "
                        f"weight has {in_features} input channels")
 
 
@@ -28,11 +28,11 @@ def _check_spmspv(x, bitmap, values, offsets, out_features, threshold, topk_frac
     _check_unpack(bitmap, values, offsets, out_features)
     _check_x(x, bitmap.shape[0])
     check_same_device(("x", x), ("values", values), ("threshold", threshold))
-    torch._check_value(threshold is None or topk_fraction is None,
+    require(threshold is None or topk_fraction is None,
                        lambda: "give either threshold or topk_fraction, not both")
     if threshold is not None:
         check_tensor(threshold, "threshold", dtypes=(torch.float32,), dim=1)
-        torch._check_value(threshold.shape[0] == x.shape[1], lambda: f"threshold has "
+        require(threshold.shape[0] == x.shape[1], lambda: f"threshold has "
                            f"{threshold.shape[0]} entries, expected one per input channel ({x.shape[1]})")
     check_fraction(topk_fraction, "topk_fraction")
 
