@@ -10,4 +10,4 @@ from duogpt.prune import prune
 
 __version__ = "0.1.0"
 
-__all__ = ["BitmapWeight", "load", "ops", "prune", "__version__"]
+__all__ = ["BitmapWeight", "__version__", "load", "ops", "prune"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles import assert_close_to_exact, block_problem, exact_spmspv
 
 from duogpt import BitmapWeight, _native, ops
 from duogpt.ops import reference
@@ -44,22 +45,6 @@ def rule_kwargs(rule, k, device="cpu"):
 
 def on(kwargs, device):
     return {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in kwargs.items()}
-
-
-def assert_close_to_exact(got, want_lowp, want_exact):
-    """got's error against the float64 result is at most twice that of the float32 reference
-    rounded to the output dtype, plus a small floor (flash-attention's rule)."""
-    got, want_lowp = got.cpu(), want_lowp.cpu()
-    err = (got.double() - want_exact).abs().max().item()
-    ref_err = (want_lowp.double() - want_exact).abs().max().item()
-    floor = 1e-5 * max(want_exact.abs().max().item(), 1.0)
-    assert err <= 2 * ref_err + floor, f"error {err:.3g} vs reference error {ref_err:.3g}"
-
-
-def exact_spmspv(x, w, kwargs):
-    keep = reference.activation_keep_mask(x, **kwargs)
-    xs = torch.where(keep, x.double(), torch.zeros((), dtype=torch.float64))
-    return xs @ w.double().t()
 
 
 def same_bits(a, b):
@@ -261,14 +246,6 @@ def test_dense_gemv_unaligned_inputs_take_the_scalar_path():
 
 
 # ---- obs_prune_block ---------------------------------------------------------------------------
-
-def block_problem(n: int, B: int, with_P: bool):
-    X = torch.randn(B, 4 * B)
-    H = X @ X.t() / (4 * B) + 0.1 * torch.eye(B)
-    U1 = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    P1 = 0.1 * torch.randn(B, B).triu(1) if with_P else None
-    return torch.randn(n, B), U1.contiguous(), P1
-
 
 def run_cuda_and_reference(W1, U1, P1, mask=None, nm=None, score_coef=None):
     prunen, prunem = nm if nm is not None else (0, 0)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from oracles import assert_close_to_exact, exact_spmspv
 
 from duogpt import BitmapWeight, _native, ops
 from duogpt.ops import reference
@@ -35,21 +36,6 @@ def sparse_weight(n, k, sparsity, dtype):
 
 def rule_kwargs(rule, k):
     return {"threshold": torch.rand(k)} if rule == "threshold" else dict(rule)
-
-
-def assert_close_to_exact(got, want_lowp, want_exact):
-    """got's error against the float64 result is at most twice that of the reference computed in
-    float32 and rounded to the output dtype, plus a small floor (flash-attention's rule)."""
-    err = (got.double() - want_exact).abs().max().item()
-    ref_err = (want_lowp.double() - want_exact).abs().max().item()
-    floor = 1e-5 * max(want_exact.abs().max().item(), 1.0)
-    assert err <= 2 * ref_err + floor, f"error {err:.3g} vs reference error {ref_err:.3g}"
-
-
-def exact_spmspv(x, w, kwargs):
-    keep = reference.activation_keep_mask(x, **kwargs)
-    xs = torch.where(keep, x.double(), torch.zeros((), dtype=torch.float64))
-    return xs @ w.double().t()
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles import block_problem
 
 from duogpt import ops
 from duogpt.ops import reference
-
-
-def block_problem(n: int, B: int, with_P: bool):
-    """A block of weights, the upper Cholesky factor U1 of a random H^-1, and a small P1."""
-    X = torch.randn(B, 4 * B)
-    H = X @ X.t() / (4 * B) + 0.1 * torch.eye(B)
-    U1 = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    P1 = 0.1 * torch.randn(B, B).triu(1) if with_P else None
-    return torch.randn(n, B), U1.contiguous(), P1
 
 
 def run_both(W1, U1, P1, **rule):

@@ -6,15 +6,21 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
 import duogpt
 
 
+# Subprocesses start outside the source tree: from its root, `python -c` and `python -m` would
+# import the uncompiled `duogpt/` folder instead of the installed package.
+OUTSIDE_SOURCE = Path(__file__).parent
+
+
 def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=OUTSIDE_SOURCE)
 
 
 def test_import_without_native_module_succeeds_and_calls_explain():
@@ -58,7 +64,7 @@ def test_every_op_is_registered_with_cpu_cuda_and_fake_kernels():
 
 def test_env_command_prints_the_diagnostics():
     result = subprocess.run([sys.executable, "-m", "duogpt", "env"], capture_output=True, text=True,
-                            timeout=300)
+                            timeout=300, cwd=OUTSIDE_SOURCE)
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["version"] == duogpt.__version__ and info["torch"] == torch.__version__

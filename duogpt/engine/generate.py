@@ -87,7 +87,7 @@ class Decoder:
         Raises:
             ValueError: the prompt plus the new tokens exceed `max_seq_len`.
         """
-        batch, length = prompt.shape
+        length = prompt.shape[1]
         if length + max_new_tokens > self.max_seq_len:
             raise ValueError(f"{length} prompt + {max_new_tokens} new tokens exceed the cache of "
                              f"{self.max_seq_len} positions; raise max_seq_len")

@@ -2,4 +2,4 @@
 
 from duogpt.formats.bitmap import FORMAT_VERSION, BitmapWeight
 
-__all__ = ["BitmapWeight", "FORMAT_VERSION"]
+__all__ = ["FORMAT_VERSION", "BitmapWeight"]

@@ -3,4 +3,4 @@
 from duogpt.models.adapters import PROJECTIONS, LayerMap, layer_map
 from duogpt.models.loading import DEFAULT_MODEL, load_model
 
-__all__ = ["DEFAULT_MODEL", "LayerMap", "PROJECTIONS", "layer_map", "load_model"]
+__all__ = ["DEFAULT_MODEL", "PROJECTIONS", "LayerMap", "layer_map", "load_model"]

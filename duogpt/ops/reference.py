@@ -144,7 +144,7 @@ def obs_prune_block(
     Returns:
         `(Err1, Wpre1)`, both `[n, B]` float32: `(w - q) / U1[i, i]` and the pre-decision `w`.
     """
-    n, B = W1.shape
+    B = W1.shape[1]
     Err1 = torch.zeros_like(W1)
     Wpre1 = torch.zeros_like(W1)
     for i in range(B):
