@@ -16,7 +16,9 @@ def define(schema: str, *, fake: Callable, cpu: Callable, cuda: Callable) -> Non
     clear error instead of a silent fallback.
     """
     _LIB.define(schema)
-    name = "duogpt::" + schema.split("(", 1)[0]
-    torch.library.register_fake(name, fake, lib=_LIB)
-    torch.library.register_kernel(name, "cpu", cpu, lib=_LIB)
-    torch.library.register_kernel(name, "cuda", cuda, lib=_LIB)
+    op = schema.split("(", 1)[0]
+    torch.library.register_fake("duogpt::" + op, fake, lib=_LIB)
+    # Library.impl rather than torch.library.register_kernel: the latter's wrapper costs ~30 us a
+    # call, a third of a small decode GEMV.
+    _LIB.impl(op, cpu, "CPU")
+    _LIB.impl(op, cuda, "CUDA")
