@@ -136,7 +136,9 @@ void accumulate(const uint32_t* words, int64_t nwords, const void* values, int64
     for (int64_t q = 0; q < nwords; ++q) v = accumulate_word_scalar<V>(words[q], v, x, b, acc + q * 32, ld);
     return;
   }
-  with_tokens(b, [&](auto B) { accumulate_tokens<V, decltype(B)::value>(words, nwords, v, readable, x, acc, ld); });
+  with_tokens(b, [&](auto B) {
+    accumulate_tokens<V, decltype(B)::value>(words, nwords, v, readable, x, acc, ld);
+  });
 }
 
 // kGroup channels into b accumulator rows: per 8 rows, the kGroup expanded weight vectors are
@@ -177,7 +179,9 @@ static_assert(kGroup == 4, "accumulate_group_tokens sums exactly four channels")
 template <typename V>
 void accumulate_group(const uint32_t* const* words, int64_t nwords, const void* const* values,
                       const float* x, int64_t b, float* acc, int64_t ld) {
-  with_tokens(b, [&](auto B) { accumulate_group_tokens<V, decltype(B)::value>(words, nwords, values, x, acc, ld); });
+  with_tokens(b, [&](auto B) {
+    accumulate_group_tokens<V, decltype(B)::value>(words, nwords, values, x, acc, ld);
+  });
 }
 
 // ---- dense rows ---------------------------------------------------------------------------------
@@ -228,7 +232,9 @@ template <typename V>
 void dense(const void* w, int64_t k, const float* x, int64_t b, int64_t r0, int64_t r1, float* y,
            int64_t n) {
   const auto* wt = static_cast<const typename V::T*>(w);
-  with_tokens(b, [&](auto B) { dense_tokens<V, decltype(B)::value>(wt, k, x, r0, r1, y, n); });
+  with_tokens(b, [&](auto B) {
+    dense_tokens<V, decltype(B)::value>(wt, k, x, r0, r1, y, n);
+  });
 }
 
 }  // namespace

@@ -100,7 +100,9 @@ template <typename V>
 void accumulate(const uint32_t* words, int64_t nwords, const void* values, int64_t /*readable*/,
                 const float* x, int64_t b, float* acc, int64_t ld) {
   const auto* v = static_cast<const typename V::T*>(values);
-  with_tokens(b, [&](auto B) { accumulate_tokens<V, decltype(B)::value>(words, nwords, v, x, acc, ld); });
+  with_tokens(b, [&](auto B) {
+    accumulate_tokens<V, decltype(B)::value>(words, nwords, v, x, acc, ld);
+  });
 }
 
 // ---- dense rows ---------------------------------------------------------------------------------
@@ -156,7 +158,9 @@ template <typename V>
 void dense(const void* w, int64_t k, const float* x, int64_t b, int64_t r0, int64_t r1, float* y,
            int64_t n) {
   const auto* wt = static_cast<const typename V::T*>(w);
-  with_tokens(b, [&](auto B) { dense_tokens<V, decltype(B)::value>(wt, k, x, r0, r1, y, n); });
+  with_tokens(b, [&](auto B) {
+    dense_tokens<V, decltype(B)::value>(wt, k, x, r0, r1, y, n);
+  });
 }
 
 }  // namespace
