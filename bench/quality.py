@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from duogpt.checkpoint import read_metadata
@@ -40,7 +39,6 @@ def main() -> None:
     if data is None:
         raise SystemExit("the shared data folder is missing: set DUOGPT_DATA")
     calib = data / "sotu" / "sotu-1900-2000.txt"
-    os.environ.setdefault("DUOGPT_DATA", str(data))  # for a non-editable install
     rows = {}
     for method in args.methods.split(","):
         out = Path(args.out) / method

@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+_DTYPES = ("float32", "float16", "bfloat16")  # the --dtype choices
+
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     """Add `--a-b` with the alias `--a_b`."""
@@ -157,8 +159,6 @@ def _run_prune(args) -> int:
 
 
 # --- pack ------------------------------------------------------------------------------------
-
-_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _add_pack(sub) -> None:

@@ -70,9 +70,14 @@ def tiny(tmp_path_factory):
     return model, tokenizer, dense, pack_checkpoint(dense, root / "packed")
 
 
-def masked_dense_logits(model, sparsity, ids):
-    with torch.no_grad(), sparsified_inputs(layer_map(model).named_projections(), sparsity):
-        return model(ids).logits
+def assert_matches_masked_dense(loaded, model, sparsity, ids):
+    """`loaded`'s logits on `ids` equal those of the dense pruned `model` with the activation rule
+    `sparsity` applied by masking its projection inputs."""
+    with torch.no_grad():
+        got = loaded(ids).logits
+        with sparsified_inputs(layer_map(model).named_projections(), sparsity):
+            want = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_packed_folder_layout(tiny):
@@ -106,9 +111,7 @@ def test_packed_logits_equal_masked_dense(tiny, tokens):
     """T <= 8 runs the spmspv kernel, T > 8 the unpack + GEMM path; both apply the same rule."""
     model, _, _, packed = tiny
     ids = torch.randint(0, 300, (1, tokens))
-    with torch.no_grad():
-        got = duogpt.load(packed)(ids).logits
-    torch.testing.assert_close(got, masked_dense_logits(model, TOPK, ids), rtol=1e-4, atol=1e-4)
+    assert_matches_masked_dense(duogpt.load(packed), model, TOPK, ids)
 
 
 def test_threshold_rule_travels_with_the_packed_weights(tiny, tmp_path):
@@ -118,9 +121,7 @@ def test_threshold_rule_travels_with_the_packed_weights(tiny, tmp_path):
     packed = duogpt.load(pack_checkpoint(dense, tmp_path / "packed"))
     assert packed.model.layers[1].mlp.down_proj.threshold is not None
     ids = torch.randint(0, 300, (2, 4))
-    with torch.no_grad():
-        torch.testing.assert_close(packed(ids).logits, masked_dense_logits(model, rule, ids),
-                                   rtol=1e-4, atol=1e-4)
+    assert_matches_masked_dense(packed, model, rule, ids)
 
 
 def test_round_trip_generate_equals_masked_dense_greedy(tiny):
@@ -139,9 +140,7 @@ def test_dense_checkpoint_is_packed_on_load(tiny):
     loaded = duogpt.load(dense)
     assert len(sparse_projections(loaded)) == 14
     ids = torch.randint(0, 300, (1, 6))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, masked_dense_logits(model, TOPK, ids),
-                                   rtol=1e-4, atol=1e-4)
+    assert_matches_masked_dense(loaded, model, TOPK, ids)
 
 
 def test_activation_rule_override(tiny):

@@ -12,7 +12,6 @@ import torch
 
 import duogpt
 
-
 # Subprocesses start outside the source tree: from its root, `python -c` and `python -m` would
 # import the uncompiled `duogpt/` folder instead of the installed package.
 OUTSIDE_SOURCE = Path(__file__).parent

@@ -18,7 +18,8 @@ class _StopForward(Exception):
     """Raised by a capture hook to end a forward pass once the wanted input is recorded."""
 
 
-def _device_of(module: nn.Module) -> torch.device:
+def device_of(module: nn.Module) -> torch.device:
+    """Where `module`'s first parameter (else buffer) lives; CPU for a module with neither."""
     tensor = next(module.parameters(), None)
     tensor = tensor if tensor is not None else next(module.buffers(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
@@ -61,7 +62,7 @@ def capture_layer_inputs(model: nn.Module, lm: LayerMap, input_ids: torch.Tensor
         records.append((args[0] if args else kwargs["hidden_states"], kwargs))
         raise _StopForward
 
-    homes = [(m, _device_of(m)) for m in (lm.embed_tokens, lm.rotary_emb)]
+    homes = [(m, device_of(m)) for m in (lm.embed_tokens, lm.rotary_emb)]
     handle = lm.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     hidden = None
     try:

@@ -39,7 +39,6 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 _PROJECTION_WEIGHT = re.compile(
     r"^(model\.layers\.\d+\.(?:" + "|".join(re.escape(p) for p in PROJECTIONS) + r"))\.weight$")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def quantization_config(sparsity: ActivationSparsity) -> dict:

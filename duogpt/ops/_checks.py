@@ -21,7 +21,7 @@ def require(ok: bool, message: Callable[[], str], error: type[Exception] = Value
 def check_tensor(t: torch.Tensor, name: str, *, dtypes=None, dim: int | None = None) -> None:
     if dtypes is not None:
         require(t.dtype in dtypes, lambda: f"{name} must have dtype in "
-                          f"{[str(d) for d in dtypes]}, got {t.dtype}", TypeError)
+                f"{[str(d) for d in dtypes]}, got {t.dtype}", TypeError)
     if dim is not None:
         require(t.dim() == dim, lambda: f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
     require(t.is_contiguous(), lambda: f"{name} must be contiguous (call .contiguous())")
@@ -32,7 +32,7 @@ def check_same_device(*named: tuple[str, torch.Tensor | None]) -> None:
     first_name, first = present[0]
     for n, t in present[1:]:
         require(t.device == first.device, lambda: f"{n} is on {t.device} but "
-                           f"{first_name} is on {first.device}; move them to one device")
+                f"{first_name} is on {first.device}; move them to one device")
 
 
 def check_fraction(p: float | None, name: str) -> None:

@@ -27,7 +27,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from duogpt.calibration.capture import capture_layer_inputs, check_uniform_layers, layer_forward, module_input
+from duogpt.calibration.capture import (
+    capture_layer_inputs,
+    check_uniform_layers,
+    device_of,
+    layer_forward,
+    module_input,
+)
 from duogpt.models import layer_map
 from duogpt.models.adapters import GROUPS, PROJECTIONS
 from duogpt.solver.baselines import MagnitudePruner, WandaPruner
@@ -70,10 +76,6 @@ def make_pruner(config: PruneConfig, columns: int, device: torch.device, label: 
 def _bar(progress: bool, **kwargs) -> tqdm:
     # Passing disable only when quiet lets TQDM_DISABLE and the other TQDM_* variables apply.
     return tqdm(**kwargs) if progress else tqdm(disable=True, **kwargs)
-
-
-def _home(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 class Pipeline:
@@ -123,7 +125,7 @@ class Pipeline:
 
     def _layer(self, i: int) -> tuple[dict, dict]:
         layer = self.lm.layers[i]
-        home = _home(layer)
+        home = device_of(layer)
         layer.to(self.device)
         prefix = f"model.layers.{i}."
         modules = {prefix + name: layer.get_submodule(name) for name in PROJECTIONS}
