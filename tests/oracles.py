@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from duogpt import BitmapWeight, ops
 from duogpt.ops import reference
 
 
@@ -32,3 +33,21 @@ def block_problem(n: int, B: int, with_P: bool):
     U1 = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     P1 = 0.1 * torch.randn(B, B).triu(1) if with_P else None
     return torch.randn(n, B), U1.contiguous(), P1
+
+
+def assert_dropped_channels_are_never_read(device, n: int, k: int) -> None:
+    """`ops.spmspv` on `device` never reads the weights of an input channel that no token keeps,
+    whether its activations are zero or dropped by the top-k rule: those weights are NaN here."""
+    w = torch.randn(n, k)
+    x = torch.randn(4, k)
+    x[:, ::2] = 0  # even channels are zero for every token...
+    w[:, ::2] = float("nan")  # ...so their NaN weights must never be touched
+    x[0, 1], x[1:, 1] = 5.0, 0.0  # channel 1 is live for one token only
+    assert ops.spmspv(x.to(device), BitmapWeight.from_dense(w).to(device)).isfinite().all()
+    drop = k // 4
+    x = torch.randn(2, k)
+    x[:, :drop] = 1e-3  # the smallest magnitudes of both tokens
+    w = torch.randn(n, k)
+    w[:, :drop] = float("nan")
+    y = ops.spmspv(x.to(device), BitmapWeight.from_dense(w).to(device), topk_fraction=drop / k)
+    assert y.isfinite().all()
