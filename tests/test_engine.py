@@ -124,6 +124,13 @@ def test_threshold_rule_travels_with_the_packed_weights(tiny, tmp_path):
     assert_matches_masked_dense(packed, model, rule, ids)
 
 
+def test_threshold_of_the_wrong_width_is_refused(tiny):
+    module = SparseLinear.from_linear(layer_map(tiny[0]).named_projections()["model.layers.0.mlp.up_proj"])
+    rule = ActivationSparsity(0.5, "threshold", {"up": torch.rand(module.in_features + 1)})
+    with pytest.raises(ValueError, match="one per input channel"):
+        module.set_activation_rule(rule, "up")
+
+
 def test_round_trip_generate_equals_masked_dense_greedy(tiny):
     """prune -> pack -> load -> 32 greedy tokens == the masked dense model's, fp32 on CPU."""
     model, _, _, packed = tiny

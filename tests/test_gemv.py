@@ -11,6 +11,7 @@ from oracles import assert_close_to_exact, assert_dropped_channels_are_never_rea
 
 from duogpt import BitmapWeight, _native, ops
 from duogpt.ops import reference
+from duogpt.ops.gemv import spmspv_validated
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1), (1, 300), (7, 33), (33, 129), (257, 64), (1025, 40), (2049, 7)]  # (out, in)
@@ -117,10 +118,25 @@ def test_bad_activation_rules_are_rejected(kwargs, error, message):
 ], ids=["in-mismatch", "too-many-tokens", "no-tokens", "1-D", "non-contiguous", "float64"])
 def test_bad_activations_are_rejected(x, error, message):
     w = torch.randn(4, 8)
+    bw = BitmapWeight.from_dense(w)
     with pytest.raises(error, match=message):
-        ops.spmspv(x, BitmapWeight.from_dense(w))
+        ops.spmspv(x, bw)
+    with pytest.raises(error, match=message):
+        spmspv_validated(x, bw.bitmap, bw.values, bw.offsets, 4)
     with pytest.raises(error, match=message):
         ops.dense_gemv(x, w)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_validated_weight_path_equals_the_op(dtype, rule):
+    """SparseLinear's direct CPU call gives the op's result bit for bit."""
+    w = sparse_weight(300, 70, 0.5, dtype)
+    bw = BitmapWeight.from_dense(w)
+    x = torch.randn(3, 70).to(dtype)
+    kwargs = rule_kwargs(RULES[rule], 70)
+    args = (x, bw.bitmap, bw.values, bw.offsets, 300, kwargs.get("threshold"), kwargs.get("topk_fraction"))
+    assert torch.equal(spmspv_validated(*args), torch.ops.duogpt.spmspv(*args))
 
 
 def test_cpu_only_build_explains_how_to_get_cuda():

@@ -15,7 +15,7 @@ from torch import nn
 
 from duogpt.formats import BitmapWeight
 from duogpt.models import layer_map
-from duogpt.ops.gemv import MAX_TOKENS
+from duogpt.ops.gemv import MAX_TOKENS, spmspv_validated
 from duogpt.ops.reference import sparsify
 from duogpt.sparsity import ActivationSparsity
 
@@ -88,6 +88,9 @@ class SparseLinear(nn.Module):
         args = sparsity.kernel_args(name)
         self.topk_fraction = args.get("topk_fraction")
         threshold = args.get("threshold")
+        if threshold is not None and threshold.shape != (self.in_features,):
+            raise ValueError(f"{name}: the activation threshold has shape {tuple(threshold.shape)}, "
+                             f"expected ({self.in_features},), one per input channel")
         self.threshold = (None if threshold is None
                           else threshold.to(device=self.bitmap.device, dtype=torch.float32).contiguous())
 
@@ -99,8 +102,8 @@ class SparseLinear(nn.Module):
         """`x [..., in]` -> `[..., out]` in x's dtype."""
         rows = x.reshape(-1, self.in_features)  # [tokens, in]
         if rows.shape[0] <= MAX_TOKENS:
-            y = torch.ops.duogpt.spmspv(rows.contiguous(), self.bitmap, self.weight, self.offsets,
-                                        self.out_features, self.threshold, self.topk_fraction)
+            y = spmspv_validated(rows.contiguous(), self.bitmap, self.weight, self.offsets,
+                                 self.out_features, self.threshold, self.topk_fraction)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         else:
