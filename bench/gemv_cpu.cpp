@@ -7,10 +7,12 @@
 // activation vectors so that the set of active channels changes from call to call. The kernels
 // are checked against each other (sparse vs dense on the masked activations) before any timing.
 //
-// Usage: gemv_cpu [--isa scalar|avx2|avx512] [--quick] [--json PATH]
+// Usage: gemv_cpu [--isa scalar|avx2|avx512] [--quick] [--json PATH] [--shape OUTxIN]...
+// (--shape replaces the default shapes, e.g. --shape 1536x576 for a SmolLM2 projection)
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -42,6 +44,7 @@ struct Options {
   std::string isa;
   bool quick = false;
   std::string json_path;
+  std::vector<std::array<int64_t, 2>> shapes{{4096, 4096}, {11008, 4096}, {4096, 11008}};  // (out, in)
 };
 
 // Call `fn(rep)` until both `min_reps` calls and `min_seconds` have passed (at most `max_reps`),
@@ -231,7 +234,6 @@ int run(const Options& opt) {
   std::printf("memcpy %.1f GB/s copied (%.1f GB/s read+write), read-only pass %.1f GB/s\n\n",
               bw.memcpy_gbs, bw.traffic_gbs, bw.read_gbs);
 
-  const int64_t shapes[][2] = {{4096, 4096}, {11008, 4096}, {4096, 11008}};  // (out, in)
   const int batches[] = {1, 2, 4, 8};
   const double act_sparsities[] = {0.0, 0.5};
   const int min_reps = opt.quick ? 5 : 100, max_reps = opt.quick ? 20 : 2000;
@@ -239,7 +241,7 @@ int run(const Options& opt) {
   std::mt19937 rng(1234);
   std::vector<Result> results;
 
-  for (const auto& shape : shapes) {
+  for (const auto& shape : opt.shapes) {
     const int64_t n = shape[0], k = shape[1];
     const std::vector<uint16_t> w = random_weight(rng, n, k);
     const Packed p = pack(w, n, k);
@@ -321,16 +323,25 @@ int run(const Options& opt) {
 
 int main(int argc, char** argv) {
   duogpt::Options opt;
+  bool default_shapes = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--quick") {
+    long long out = 0, in = 0;
+    char tail = 0;
+    if (a == "--shape" && i + 1 < argc && std::sscanf(argv[++i], "%lldx%lld%c", &out, &in, &tail) == 2 &&
+        out > 0 && in > 0) {
+      if (default_shapes) opt.shapes.clear();
+      default_shapes = false;
+      opt.shapes.push_back({out, in});
+    } else if (a == "--quick") {
       opt.quick = true;
     } else if (a == "--isa" && i + 1 < argc) {
       opt.isa = argv[++i];
     } else if (a == "--json" && i + 1 < argc) {
       opt.json_path = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: %s [--isa scalar|avx2|avx512] [--quick] [--json PATH]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--isa scalar|avx2|avx512] [--quick] [--json PATH] [--shape OUTxIN]...\n",
+                   argv[0]);
       return 2;
     }
   }
