@@ -44,7 +44,7 @@ struct Options {
   std::string isa;
   bool quick = false;
   std::string json_path;
-  std::vector<std::array<int64_t, 2>> shapes{{4096, 4096}, {11008, 4096}, {4096, 11008}};  // (out, in)
+  std::vector<std::array<int64_t, 2>> shapes;  // (out, in); none given: the LLaMA-2-7B ones
 };
 
 // Call `fn(rep)` until both `min_reps` calls and `min_seconds` have passed (at most `max_reps`),
@@ -323,15 +323,12 @@ int run(const Options& opt) {
 
 int main(int argc, char** argv) {
   duogpt::Options opt;
-  bool default_shapes = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     long long out = 0, in = 0;
     char tail = 0;
     if (a == "--shape" && i + 1 < argc && std::sscanf(argv[++i], "%lldx%lld%c", &out, &in, &tail) == 2 &&
         out > 0 && in > 0) {
-      if (default_shapes) opt.shapes.clear();
-      default_shapes = false;
       opt.shapes.push_back({out, in});
     } else if (a == "--quick") {
       opt.quick = true;
@@ -345,6 +342,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  if (opt.shapes.empty()) opt.shapes = {{4096, 4096}, {11008, 4096}, {4096, 11008}};
   try {
     return duogpt::run(opt);
   } catch (const std::exception& e) {

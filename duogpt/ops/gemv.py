@@ -48,12 +48,16 @@ def _spmspv_args(x, bitmap, values, offsets, out_features, threshold, topk_fract
             _native.ptr(threshold), -1.0 if topk_fraction is None else topk_fraction, y.data_ptr())
 
 
-def _spmspv_cpu(x, bitmap, values, offsets, out_features, threshold=None, topk_fraction=None):
-    _check_spmspv(x, bitmap, values, offsets, out_features, threshold, topk_fraction)
+def _run_spmspv_cpu(x, bitmap, values, offsets, out_features, threshold, topk_fraction):
     y = x.new_empty(x.shape[0], out_features)
     _native.lib().spmspv_cpu(*_spmspv_args(x, bitmap, values, offsets, out_features, threshold,
                                            topk_fraction, y))
     return y
+
+
+def _spmspv_cpu(x, bitmap, values, offsets, out_features, threshold=None, topk_fraction=None):
+    _check_spmspv(x, bitmap, values, offsets, out_features, threshold, topk_fraction)
+    return _run_spmspv_cpu(x, bitmap, values, offsets, out_features, threshold, topk_fraction)
 
 
 def spmspv_validated(x, bitmap, values, offsets, out_features, threshold=None, topk_fraction=None):
@@ -68,10 +72,7 @@ def spmspv_validated(x, bitmap, values, offsets, out_features, threshold=None, t
         return torch.ops.duogpt.spmspv(x, bitmap, values, offsets, out_features, threshold,
                                        topk_fraction)
     _check_x(x, bitmap.shape[0])
-    y = x.new_empty(x.shape[0], out_features)
-    _native.lib().spmspv_cpu(*_spmspv_args(x, bitmap, values, offsets, out_features, threshold,
-                                           topk_fraction, y))
-    return y
+    return _run_spmspv_cpu(x, bitmap, values, offsets, out_features, threshold, topk_fraction)
 
 
 def _spmspv_cuda(x, bitmap, values, offsets, out_features, threshold=None, topk_fraction=None):
