@@ -11,7 +11,7 @@ from oracles import assert_close_to_exact, assert_dropped_channels_are_never_rea
 
 from duogpt import BitmapWeight, _native, ops
 from duogpt.ops import reference
-from duogpt.ops.gemv import spmspv_validated
+from duogpt.ops.gemv import dense_gemv_validated, spmspv_validated
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1), (1, 300), (7, 33), (33, 129), (257, 64), (1025, 40), (2049, 7)]  # (out, in)
@@ -125,6 +125,8 @@ def test_bad_activations_are_rejected(x, error, message):
         spmspv_validated(x, bw.bitmap, bw.values, bw.offsets, 4)
     with pytest.raises(error, match=message):
         ops.dense_gemv(x, w)
+    with pytest.raises(error, match=message):
+        dense_gemv_validated(x, w)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -137,6 +139,14 @@ def test_validated_weight_path_equals_the_op(dtype, rule):
     kwargs = rule_kwargs(RULES[rule], 70)
     args = (x, bw.bitmap, bw.values, bw.offsets, 300, kwargs.get("threshold"), kwargs.get("topk_fraction"))
     assert torch.equal(spmspv_validated(*args), torch.ops.duogpt.spmspv(*args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_validated_dense_path_equals_the_op(dtype):
+    """DenseGemvLinear's direct CPU call gives the op's result bit for bit."""
+    w = torch.randn(300, 70).to(dtype)
+    x = torch.randn(3, 70).to(dtype)
+    assert torch.equal(dense_gemv_validated(x, w), torch.ops.duogpt.dense_gemv(x, w))
 
 
 def test_cpu_only_build_explains_how_to_get_cuda():

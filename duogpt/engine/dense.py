@@ -12,21 +12,24 @@ import torch
 from torch import nn
 
 from duogpt.engine.sparse_linear import sparse_projections
-from duogpt.ops import dense_gemv
-from duogpt.ops.gemv import MAX_TOKENS
+from duogpt.ops.gemv import MAX_TOKENS, dense_gemv_validated
 
 DENSE_KERNELS = ("torch", "duogpt")
 
 
 class DenseGemvLinear(nn.Linear):
-    """`nn.Linear` whose decode GEMV (up to MAX_TOKENS tokens) runs `duogpt.ops.dense_gemv`."""
+    """`nn.Linear` whose decode GEMV (up to MAX_TOKENS tokens) runs `duogpt.ops.dense_gemv`.
+
+    Its weight is an unpacked `SparseLinear`'s (`to_dense_engine`), valid by construction, so each
+    call checks only `x`, as `SparseLinear` does (`dense_gemv_validated`).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x [..., in]` -> `[..., out]` in x's dtype."""
         rows = x.reshape(-1, self.in_features)  # [tokens, in]
         if rows.shape[0] > MAX_TOKENS:
             return super().forward(x)
-        y = dense_gemv(rows.contiguous(), self.weight)
+        y = dense_gemv_validated(rows.contiguous(), self.weight)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -60,15 +60,20 @@ def _spmspv_cpu(x, bitmap, values, offsets, out_features, threshold=None, topk_f
     return _run_spmspv_cpu(x, bitmap, values, offsets, out_features, threshold, topk_fraction)
 
 
+def _direct_cpu(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a `*_validated` call may skip the dispatcher: eager (not traced) and on CPU. The
+    dispatcher's round trip into the Python kernel plus the weight's checks cost ~11-25 us a call
+    on this project's 2-core CI machine, as much as the kernel itself on a 192 x 576 projection."""
+    return not torch.compiler.is_compiling() and x.is_cpu and w.is_cpu
+
+
 def spmspv_validated(x, bitmap, values, offsets, out_features, threshold=None, topk_fraction=None):
     """`torch.ops.duogpt.spmspv` for an owner that validated its packed weight and rule once
     (`SparseLinear`): only `x` is checked per call, and on CPU outside `torch.compile` the kernel is
-    called directly. The dispatcher's round trip into the Python kernel plus the weight's checks
-    cost ~25 us a call on this project's 2-core CI machine, as much as the kernel itself on a
-    192 x 576 projection. Same arguments and result as the op; traced and CUDA calls go through
-    the op unchanged.
+    called directly. Same arguments and result as the op; traced and CUDA calls go through the op
+    unchanged.
     """
-    if torch.compiler.is_compiling() or not (x.is_cpu and values.is_cpu):
+    if not _direct_cpu(x, values):
         return torch.ops.duogpt.spmspv(x, bitmap, values, offsets, out_features, threshold,
                                        topk_fraction)
     _check_x(x, bitmap.shape[0])
@@ -106,11 +111,25 @@ def _dense_args(x, w, y):
             _native.dtype_code(w), w.shape[0], y.data_ptr())
 
 
-def _dense_cpu(x, w):
-    _check_dense(x, w)
+def _run_dense_cpu(x, w):
     y = x.new_empty(x.shape[0], w.shape[0])
     _native.lib().dense_gemv_cpu(*_dense_args(x, w, y))
     return y
+
+
+def _dense_cpu(x, w):
+    _check_dense(x, w)
+    return _run_dense_cpu(x, w)
+
+
+def dense_gemv_validated(x, w):
+    """`torch.ops.duogpt.dense_gemv` for an owner that validated its weight once
+    (`DenseGemvLinear`): the `spmspv_validated` of the dense baseline, so that both engines pay the
+    same per-call cost."""
+    if not _direct_cpu(x, w):
+        return torch.ops.duogpt.dense_gemv(x, w)
+    _check_x(x, w.shape[1])
+    return _run_dense_cpu(x, w)
 
 
 def _dense_cuda(x, w):
