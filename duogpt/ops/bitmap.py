@@ -28,9 +28,9 @@ def _check_unpack(bitmap, values, offsets, out_features: int) -> None:
     words, tiles = packed_sizes(out_features, k)
     require(out_features > 0, lambda: f"out_features must be positive, got {out_features}")
     require(bitmap.shape[1] == words, lambda: f"bitmap has {bitmap.shape[1]} words per "
-                       f"channel but out_features={out_features} needs {words}")
+            f"channel but out_features={out_features} needs {words}")
     require(offsets.shape[0] == k * tiles + 1, lambda: f"offsets has {offsets.shape[0]} "
-                       f"entries, expected in_features * tiles + 1 = {k * tiles + 1}")
+            f"entries, expected in_features * tiles + 1 = {k * tiles + 1}")
 
 
 def _pack_fake(w):
@@ -80,7 +80,7 @@ def _pack_cuda(w):
                                 nnz.data_ptr(), s)
             count = int(nnz.item())  # the value count sizes the output: one host sync
             require(count < 2**31, lambda: f"the weight has {count} non-zeros; the "
-                               "bitmap format's int32 offsets hold fewer than 2^31: split the matrix")
+                    "bitmap format's int32 offsets hold fewer than 2^31: split the matrix")
             return count
 
         return _pack(

@@ -19,9 +19,9 @@ MAX_TOKENS = 8  # csrc/include/duogpt/spmspv.h kMaxTokens
 def _check_x(x: torch.Tensor, in_features: int) -> None:
     check_tensor(x, "x", dtypes=FLOAT_DTYPES, dim=2)
     require(1 <= x.shape[0] <= MAX_TOKENS, lambda: f"x must hold 1 to {MAX_TOKENS} "
-                       f"tokens (rows), got {x.shape[0]}; use a dense GEMM for longer inputs")
+            f"tokens (rows), got {x.shape[0]}; use a dense GEMM for longer inputs")
     require(x.shape[1] == in_features, lambda: f"x has {x.shape[1]} features but the "
-                       f"weight has {in_features} input channels")
+            f"weight has {in_features} input channels")
 
 
 def _check_spmspv(x, bitmap, values, offsets, out_features, threshold, topk_fraction) -> None:
@@ -29,11 +29,11 @@ def _check_spmspv(x, bitmap, values, offsets, out_features, threshold, topk_frac
     _check_x(x, bitmap.shape[0])
     check_same_device(("x", x), ("values", values), ("threshold", threshold))
     require(threshold is None or topk_fraction is None,
-                       lambda: "give either threshold or topk_fraction, not both")
+            lambda: "give either threshold or topk_fraction, not both")
     if threshold is not None:
         check_tensor(threshold, "threshold", dtypes=(torch.float32,), dim=1)
         require(threshold.shape[0] == x.shape[1], lambda: f"threshold has "
-                           f"{threshold.shape[0]} entries, expected one per input channel ({x.shape[1]})")
+                f"{threshold.shape[0]} entries, expected one per input channel ({x.shape[1]})")
     check_fraction(topk_fraction, "topk_fraction")
 
 

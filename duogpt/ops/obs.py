@@ -14,25 +14,25 @@ def _check(W1, U1, P1, mask, prunen, prunem, score_coef) -> None:
     n, B = W1.shape
     check_tensor(U1, "U1", dtypes=(torch.float32,), dim=2)
     require(tuple(U1.shape) == (B, B), lambda: f"U1 must be [{B}, {B}] for a block of "
-                       f"{B} columns, got {tuple(U1.shape)}")
+            f"{B} columns, got {tuple(U1.shape)}")
     if P1 is not None:
         check_tensor(P1, "P1", dtypes=(torch.float32,), dim=2)
         require(tuple(P1.shape) == (B, B), lambda: f"P1 must be [{B}, {B}], got "
-                           f"{tuple(P1.shape)}")
+                f"{tuple(P1.shape)}")
     check_same_device(("W1", W1), ("U1", U1), ("P1", P1), ("mask", mask), ("score_coef", score_coef))
     if mask is not None:
         check_tensor(mask, "mask", dtypes=(torch.bool,), dim=2)
         require(tuple(mask.shape) == (n, B), lambda: f"mask must be [{n}, {B}] like W1, "
-                           f"got {tuple(mask.shape)}")
+                f"got {tuple(mask.shape)}")
         require(prunem == 0 and score_coef is None,
-                           lambda: "give either a mask or an N:M rule (prunen, prunem, score_coef)")
+                lambda: "give either a mask or an N:M rule (prunen, prunem, score_coef)")
         return
     require(0 < prunen < prunem and B % prunem == 0, lambda: f"N:M pruning needs "
-                       f"0 < N < M with M dividing the block width {B}, got {prunen}:{prunem}")
+            f"0 < N < M with M dividing the block width {B}, got {prunen}:{prunem}")
     require(score_coef is not None, lambda: "N:M pruning needs score_coef [B]")
     check_tensor(score_coef, "score_coef", dtypes=(torch.float32,), dim=1)
     require(score_coef.shape[0] == B, lambda: f"score_coef must have {B} entries, got "
-                       f"{score_coef.shape[0]}")
+            f"{score_coef.shape[0]}")
 
 
 def _fake(W1, U1, P1, mask, prunen, prunem, score_coef):
