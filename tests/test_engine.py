@@ -17,7 +17,7 @@ import duogpt
 from duogpt import cli
 from duogpt.checkpoint import save_pruned
 from duogpt.engine import SparseLinear, pack_checkpoint, save_packed, set_activation_sparsity
-from duogpt.engine.dense import to_dense_engine
+from duogpt.engine.dense import DenseGemvLinear, set_head_kernel, to_dense_engine
 from duogpt.engine.generate import Decoder
 from duogpt.engine.sparse_linear import sparse_projections
 from duogpt.models import layer_map
@@ -106,6 +106,20 @@ def test_load_gives_sparse_linear_holding_only_packed_weights(tiny):
     assert module.topk_fraction == 0.5 and module.nbytes < 0.6 * 64 * 64 * 4
 
 
+def test_engine_head_runs_the_dense_gemv_and_stays_tied(tiny):
+    _, _, _, packed = tiny
+    model = duogpt.load(packed)
+    assert type(model.lm_head) is DenseGemvLinear
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_head_with_a_non_contiguous_weight_is_refused():
+    model = tiny_pruned_model()
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(64, 304).t())
+    with pytest.raises(ValueError, match="output projection's weight must be contiguous"):
+        set_head_kernel(model, "duogpt")
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 8, 20], ids=lambda t: f"T{t}")
 def test_packed_logits_equal_masked_dense(tiny, tokens):
     """T <= 8 runs the spmspv kernel, T > 8 the unpack + GEMM path; both apply the same rule."""
@@ -165,6 +179,7 @@ def test_dense_engine_runs_the_same_weights_without_activation_rule(tiny, kernel
     model, _, _, packed = tiny
     engine = to_dense_engine(duogpt.load(packed), kernel)
     assert not sparse_projections(engine)
+    assert type(engine.lm_head) is (DenseGemvLinear if kernel == "duogpt" else torch.nn.Linear)
     ids = torch.randint(0, 300, (1, 5))
     with torch.no_grad():
         torch.testing.assert_close(engine(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)

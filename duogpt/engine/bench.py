@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from duogpt.engine.dense import to_dense_engine
+from duogpt.engine.dense import set_engine_head, to_dense_engine
 from duogpt.engine.generate import Decoder
 from duogpt.engine.loading import load
 from duogpt.engine.sparse_linear import convert_for_runtime
@@ -57,7 +57,9 @@ def random_pruned(name: str, *, device: str, dtype: torch.dtype, weight_sparsity
         for linear in layer_map(model).named_projections().values():
             drop = torch.rand_like(linear.weight, dtype=torch.float32) < weight_sparsity
             linear.weight.masked_fill_(drop, 0)
-    return convert_for_runtime(model, ActivationSparsity(activation_sparsity))
+    convert_for_runtime(model, ActivationSparsity(activation_sparsity))
+    set_engine_head(model)
+    return model
 
 
 def weight_bytes(model: nn.Module) -> int:

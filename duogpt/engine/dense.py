@@ -3,15 +3,18 @@
 It runs no activation rule (selecting activations only costs time when every weight is read
 anyway), so it is what one would deploy without duogpt's kernels. Two projection kernels:
 `torch` (F.linear, i.e. the platform BLAS) and `duogpt` (`duogpt.ops.dense_gemv` for up to
-`MAX_TOKENS` tokens, the spmspv kernels' dense twin with the same threading).
+`MAX_TOKENS` tokens, the spmspv kernels' dense twin with the same threading). The output
+projection, dense in every engine, runs with the same kernel.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from duogpt.engine.sparse_linear import sparse_projections
+from duogpt.ops._checks import FLOAT_DTYPES, check_tensor
 from duogpt.ops.gemv import MAX_TOKENS, dense_gemv_validated
 
 DENSE_KERNELS = ("torch", "duogpt")
@@ -20,8 +23,9 @@ DENSE_KERNELS = ("torch", "duogpt")
 class DenseGemvLinear(nn.Linear):
     """`nn.Linear` whose decode GEMV (up to MAX_TOKENS tokens) runs `duogpt.ops.dense_gemv`.
 
-    Its weight is an unpacked `SparseLinear`'s (`to_dense_engine`), valid by construction, so each
-    call checks only `x`, as `SparseLinear` does (`dense_gemv_validated`).
+    Its weight is an unpacked `SparseLinear`'s (`to_dense_engine`), valid by construction, or the
+    output projection's (`set_head_kernel`), checked there once. So each call checks only `x`, as
+    `SparseLinear` does (`dense_gemv_validated`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -35,11 +39,42 @@ class DenseGemvLinear(nn.Linear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def to_dense_engine(model: nn.Module, kernel: str = "torch") -> nn.Module:
-    """Replace every `SparseLinear` of `model` by a dense linear holding its unpacked weight (in
-    the values dtype), in place, one projection at a time. Returns `model`."""
+def _check_kernel(kernel: str) -> None:
     if kernel not in DENSE_KERNELS:
         raise ValueError(f"dense kernel must be one of {DENSE_KERNELS}, got {kernel!r}")
+
+
+def set_head_kernel(model: PreTrainedModel, kernel: str) -> None:
+    """Run the model's output projection (`lm_head`, never pruned) with `kernel`, in place. Its
+    weight is kept, so a head tied to the input embeddings stays tied.
+
+    The head is the largest GEMV of a decode step (49152 x 576 on SmolLM2, 3 ms on the CI machine).
+    duogpt's dense GEMV runs it 1.0-1.3x (1 token) to 2.5x (4 tokens) faster than torch's bf16
+    matmul on CPU (bench/results/cpu-decode-smollm2-head-2026-11-23.md).
+    """
+    _check_kernel(kernel)
+    head = model.get_output_embeddings()
+    if kernel == "duogpt":
+        check_tensor(head.weight, "the output projection's weight", dtypes=FLOAT_DTYPES, dim=2)
+    cls = DenseGemvLinear if kernel == "duogpt" else nn.Linear
+    new = cls(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+    new.weight, new.bias = head.weight, head.bias
+    model.set_output_embeddings(new)
+
+
+def set_engine_head(model: PreTrainedModel) -> None:
+    """The sparse engine's output projection: duogpt's dense GEMV on CPU. On CUDA the head stays on
+    cuBLAS, which the CUDA `dense_gemv` has not been measured against yet."""
+    if model.device.type == "cpu":
+        set_head_kernel(model, "duogpt")
+
+
+def to_dense_engine(model: PreTrainedModel, kernel: str = "torch") -> PreTrainedModel:
+    """Replace every `SparseLinear` of `model` by a dense linear holding its unpacked weight (in
+    the values dtype), in place, one projection at a time, and run the output projection with the
+    same kernel. Returns `model`."""
+    _check_kernel(kernel)
+    set_head_kernel(model, kernel)
     cls = DenseGemvLinear if kernel == "duogpt" else nn.Linear
     for name, sparse in sparse_projections(model).items():
         weight = sparse.dense_weight()

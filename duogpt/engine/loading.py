@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from duogpt.checkpoint import read_activation_sparsity, read_metadata
+from duogpt.engine.dense import set_engine_head
 from duogpt.engine.quantizer import register
 from duogpt.engine.sparse_linear import convert_for_runtime, set_activation_sparsity, sparse_projections
 from duogpt.sparsity import ActivationSparsity
@@ -42,4 +43,6 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
         convert_for_runtime(model, read_activation_sparsity(path, meta))
     if activation_sparsity is not None:
         set_activation_sparsity(model, activation_sparsity)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    set_engine_head(model)
+    return model
