@@ -185,6 +185,14 @@ def test_dense_engine_runs_the_same_weights_without_activation_rule(tiny, kernel
         torch.testing.assert_close(engine(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_unknown_dense_kernel_is_refused_before_anything_changes(tiny):
+    _, _, _, packed = tiny
+    model = duogpt.load(packed)
+    with pytest.raises(ValueError, match=r"dense kernel must be one of \('torch', 'duogpt'\), got 'blas'"):
+        to_dense_engine(model, "blas")
+    assert len(sparse_projections(model)) == 2 * 7 and type(model.lm_head) is DenseGemvLinear
+
+
 def test_save_packed_equals_pack_of_saved(tiny, tmp_path):
     model, tokenizer, _, packed = tiny
     direct = save_packed(model, tokenizer, tmp_path / "direct", METADATA, TOPK)

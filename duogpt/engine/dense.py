@@ -39,9 +39,10 @@ class DenseGemvLinear(nn.Linear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def _check_kernel(kernel: str) -> None:
+def _linear_class(kernel: str) -> type[nn.Linear]:
     if kernel not in DENSE_KERNELS:
         raise ValueError(f"dense kernel must be one of {DENSE_KERNELS}, got {kernel!r}")
+    return DenseGemvLinear if kernel == "duogpt" else nn.Linear
 
 
 def set_head_kernel(model: PreTrainedModel, kernel: str) -> None:
@@ -52,11 +53,10 @@ def set_head_kernel(model: PreTrainedModel, kernel: str) -> None:
     duogpt's dense GEMV runs it 1.0-1.3x (1 token) to 2.5x (4 tokens) faster than torch's bf16
     matmul on CPU (bench/results/cpu-decode-smollm2-head-2026-11-23.md).
     """
-    _check_kernel(kernel)
+    cls = _linear_class(kernel)
     head = model.get_output_embeddings()
-    if kernel == "duogpt":
+    if cls is DenseGemvLinear:
         check_tensor(head.weight, "the output projection's weight", dtypes=FLOAT_DTYPES, dim=2)
-    cls = DenseGemvLinear if kernel == "duogpt" else nn.Linear
     new = cls(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
     new.weight, new.bias = head.weight, head.bias
     model.set_output_embeddings(new)
@@ -73,9 +73,8 @@ def to_dense_engine(model: PreTrainedModel, kernel: str = "torch") -> PreTrained
     """Replace every `SparseLinear` of `model` by a dense linear holding its unpacked weight (in
     the values dtype), in place, one projection at a time, and run the output projection with the
     same kernel. Returns `model`."""
-    _check_kernel(kernel)
+    cls = _linear_class(kernel)
     set_head_kernel(model, kernel)
-    cls = DenseGemvLinear if kernel == "duogpt" else nn.Linear
     for name, sparse in sparse_projections(model).items():
         weight = sparse.dense_weight()
         linear = cls(sparse.in_features, sparse.out_features, bias=sparse.bias is not None,
