@@ -33,5 +33,5 @@ def test_benchmarks_build_and_gemv_cpu_validates_its_kernels(tmp_path):
     run("cmake", "--build", build, "-j", os.cpu_count() or 1)
     out = run(build / "bench" / "gemv_cpu", "--quick", "--shape", "100x72")
     # gemv_cpu checks spmspv against dense_gemv before timing and exits 1 on a mismatch.
-    assert "spmspv with its weight in cache" in out
+    assert "spmspv with its weight in L2" in out
     assert all(re.search(rf"^100x72 +{b} ", out, re.MULTILINE) for b in (1, 2, 4, 8))

@@ -95,6 +95,19 @@ def test_non_finite_activations_propagate_through_non_zero_weights(isa):
                                                    topk_fraction=0.5).isnan())
 
 
+def test_a_non_finite_activation_among_many_channels_reaches_only_its_non_zero_weights(isa):
+    # 64 channels make the kernels take channels in groups: the group holding the non-finite
+    # channel must not multiply its zero weights by it either
+    w = sparse_weight(100, 64, 0.5, torch.float32)
+    x = torch.randn(2, 64)
+    x[0, 37], x[1, 5] = float("inf"), float("nan")
+    y = ops.spmspv(x, BitmapWeight.from_dense(w))
+    for t, j in [(0, 37), (1, 5)]:
+        assert torch.equal(y[t].isfinite(), w[:, j] == 0)
+    finite = y.isfinite()
+    assert torch.allclose(y[finite], (x.nan_to_num(0.0, 0.0, 0.0) @ w.t())[finite], atol=1e-4)
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"topk_fraction": 1.0}, ValueError, r"\[0, 1\)"),
     ({"topk_fraction": -0.1}, ValueError, r"\[0, 1\)"),

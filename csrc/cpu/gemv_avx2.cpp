@@ -141,38 +141,21 @@ void accumulate(const uint32_t* words, int64_t nwords, const void* values, int64
   });
 }
 
-// PREFETCHT0 as a volatile asm: GCC 12 drops _mm_prefetch from the loop below at -O2 and -O3
-// (objdump shows no prefetch instruction), as it may any builtin without a visible effect.
-inline void prefetch(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
-
-// The next group's data that matches word q of this group: its values at the rate they are used
-// (one group ahead of use, a few requests at a time) and its bitmap rows a cache line per 16 words.
-// The last lines may lie past the end of the values: a prefetch never faults.
-inline void prefetch_word(const ChannelGroup& next, int64_t q) {
-  for (int c = 0; c < kGroup; ++c) {
-    const char* v = next.values[c] + q * next.step[c];
-    for (int64_t line = 0; line < next.step[c]; line += 64) prefetch(v + line);
-    if (q % 16 == 0) prefetch(next.words[c] + q);
-  }
-}
-
 // kGroup channels into b accumulator rows: per 8 rows, the kGroup expanded weight vectors are
 // summed into each token's accumulator with one load and one store. All x are finite (the zero
 // lanes of an expansion contribute x * 0 = 0) and every channel is readable 8 values past its end.
 template <typename V, int B>
-void accumulate_group_tokens(const ChannelGroup& g, int64_t nwords, const float* x, float* acc,
-                             int64_t ld, const ChannelGroup* next) {
+void accumulate_group_tokens(const ChannelGroup& g, int64_t nwords, float* acc, int64_t ld) {
   const typename V::T* v[kGroup];
   const uint8_t* bits[kGroup];  // the bitmap read byte by byte (x86 is little-endian)
   __m256 xb[kGroup][B];
   for (int c = 0; c < kGroup; ++c) {
     v[c] = reinterpret_cast<const typename V::T*>(g.values[c]);
     bits[c] = reinterpret_cast<const uint8_t*>(g.words[c]);
-    for (int t = 0; t < B; ++t) xb[c][t] = _mm256_set1_ps(x[c * B + t]);
+    for (int t = 0; t < B; ++t) xb[c][t] = _mm256_set1_ps(g.x[c][t]);
   }
   for (int64_t q = 0; q < nwords; ++q) {
     float* a = acc + q * 32;
-    if (next != nullptr) prefetch_word(*next, q);
     for (int byte = 0; byte < 4; ++byte) {
       __m256 w[kGroup];
       for (int c = 0; c < kGroup; ++c) {
@@ -193,9 +176,8 @@ void accumulate_group_tokens(const ChannelGroup& g, int64_t nwords, const float*
 static_assert(kGroup == 4, "accumulate_group_tokens sums exactly four channels");
 
 template <typename V>
-void accumulate_group(const ChannelGroup& g, int64_t nwords, const float* x, int64_t b, float* acc,
-                      int64_t ld, const ChannelGroup* next) {
-  with_tokens(b, [&](auto B) { accumulate_group_tokens<V, decltype(B)::value>(g, nwords, x, acc, ld, next); });
+void accumulate_group(const ChannelGroup& g, int64_t nwords, int64_t b, float* acc, int64_t ld) {
+  with_tokens(b, [&](auto B) { accumulate_group_tokens<V, decltype(B)::value>(g, nwords, acc, ld); });
 }
 
 // ---- dense rows ---------------------------------------------------------------------------------

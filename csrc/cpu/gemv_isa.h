@@ -17,23 +17,20 @@ using AccumulateChannelFn = void (*)(const uint32_t* words, int64_t nwords, cons
 /// Channels taken together by AccumulateGroupFn.
 constexpr int kGroup = 4;
 
-/// kGroup active channels: channel c has its bitmap row `words[c]` and its values from `values[c]`,
-/// `step[c]` bytes of them per bitmap word on average (rounded up).
+/// kGroup active channels: channel c has its bitmap row `words[c]`, its values from `values[c]` and
+/// its b activations `x[c]`.
 struct ChannelGroup {
   const uint32_t* words[kGroup];
   const char* values[kGroup];
-  int64_t step[kGroup];
+  const float* x[kGroup];
 };
 
 /// The same for the kGroup channels of `g` at once, so that each accumulator vector is loaded and
-/// stored once per group instead of once per channel. Channel c's activations are x[c * b + t], all
-/// finite, and its values are readable for 8 past its last non-zero. `next` (or null) is the group
-/// that follows, whose data the kernel prefetches as it goes: active channels are scattered under
-/// an activation rule and short on small projections (a 576-row channel is ~10 cache lines of
-/// values), so the hardware prefetcher, which restarts at every channel, gets going too late.
-/// Null for instruction sets without one: the caller then goes channel by channel.
-using AccumulateGroupFn = void (*)(const ChannelGroup& g, int64_t nwords, const float* x, int64_t b,
-                                   float* acc, int64_t ld, const ChannelGroup* next);
+/// stored once per group instead of once per channel. Channel c's activations x[c][t] are all
+/// finite, and its values are readable for 8 past its last non-zero. Null for instruction sets
+/// without one: the caller then goes channel by channel.
+using AccumulateGroupFn = void (*)(const ChannelGroup& g, int64_t nwords, int64_t b, float* acc,
+                                   int64_t ld);
 
 /// y[t * n + r] = sum_j x[t * k + j] * w[r * k + j] for rows r in [r0, r1), t < b.
 using DenseRowsFn = void (*)(const void* w, int64_t k, const float* x, int64_t b, int64_t r0,

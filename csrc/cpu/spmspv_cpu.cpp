@@ -190,9 +190,6 @@ void check_gemv_sizes(Dtype x_dt, Dtype w_dt, int64_t b, int64_t k, int64_t n) {
   DUOGPT_CHECK(k > 0 && n > 0, "sizes must be positive, got k=", k, " n=", n);
 }
 
-// The longest channels (rows) that spmspv prefetches itself, see spmspv_cpu.
-constexpr int64_t kPrefetchMaxRows = 2048;
-
 // Rows [r0, r1) of thread th out of threads, in blocks of 16 rows so that no two threads write one
 // cache line of a float32 row.
 inline void row_range(int64_t n, int th, int threads, int64_t& r0, int64_t& r1) {
@@ -256,11 +253,6 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
   const int threads = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), n_active));
   float* acc = s.acc.get(threads * b * ld);
   const int64_t total = work[n_active];
-  // Prefetch a group ahead only for short channels: longer ones keep the hardware prefetcher going
-  // on their own, and a group of them ahead no longer fits in L1 beside the accumulators (576 and
-  // 1536 rows gain 10-38 %, 4096 and more lose up to 25 %:
-  // bench/results/cpu-gemv-prefetch-2026-11-23.md).
-  const bool prefetch = n <= kPrefetchMaxRows;
 
 #pragma omp parallel num_threads(threads)
   {
@@ -276,34 +268,32 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
       const int64_t j = active[a], start = offsets[j * tiles];
       accumulate(bm + j * words, words, vbytes + start * vsize, nnz - start, xa + a * b, b, mine, ld);
     };
-    // The kGroup active channels from entry a.
-    auto locate = [&](int64_t a) {
+    // Group i takes entry i of each of the kGroup equal runs of this slice. Each of the kernel's
+    // kGroup value (and bitmap) streams then goes on in the next group where it ended, one long
+    // stream that the hardware prefetcher follows. With consecutive channels in a group, every
+    // stream would end where the next one began, and the prefetcher would restart kGroup streams
+    // per group (1.03-1.45x slower, bench/results/cpu-gemv-strided-2026-11-24.md).
+    const int64_t run = group != nullptr ? (a1 - a0) / cpu::kGroup : 0;
+    auto entry = [&](int64_t i, int c) { return a0 + c * run + i; };
+    for (int64_t i = 0; i < run; ++i) {
       cpu::ChannelGroup g;
       for (int c = 0; c < cpu::kGroup; ++c) {
-        const int64_t j = active[a + c], start = offsets[j * tiles];
+        const int64_t j = active[entry(i, c)], start = offsets[j * tiles];
         g.words[c] = bm + j * words;
         g.values[c] = vbytes + start * vsize;
-        g.step[c] = ((offsets[(j + 1) * tiles] - start) * vsize + words - 1) / words;
+        g.x[c] = xa + entry(i, c) * b;
       }
-      return g;
-    };
-    int64_t a = a0;
-    cpu::ChannelGroup g, next;
-    if (group != nullptr && a + cpu::kGroup <= a1) next = locate(a);
-    for (; group != nullptr && a + cpu::kGroup <= a1; a += cpu::kGroup) {
-      g = next;
-      const bool more = a + 2 * cpu::kGroup <= a1;
-      if (more) next = locate(a + cpu::kGroup);
       // The group kernel reads up to 8 values past each channel and multiplies zero weights by x.
-      const bool safe = offsets[(active[a + cpu::kGroup - 1] + 1) * tiles] + 8 <= nnz &&
-                        all_finite(xa + a * b, cpu::kGroup * b);
+      // The last run holds the group's highest channel.
+      bool safe = offsets[(active[entry(i, cpu::kGroup - 1)] + 1) * tiles] + 8 <= nnz;
+      for (int c = 0; c < cpu::kGroup; ++c) safe &= all_finite(g.x[c], b);
       if (!safe) {
-        for (int c = 0; c < cpu::kGroup; ++c) one(a + c);
+        for (int c = 0; c < cpu::kGroup; ++c) one(entry(i, c));
         continue;
       }
-      group(g, words, xa + a * b, b, mine, ld, prefetch && more ? &next : nullptr);
+      group(g, words, b, mine, ld);
     }
-    for (; a < a1; ++a) one(a);
+    for (int64_t a = a0 + cpu::kGroup * run; a < a1; ++a) one(a);
 #pragma omp barrier
     // Sum the buffers into thread 0's, then convert, over this thread's rows.
     int64_t r0, r1;
