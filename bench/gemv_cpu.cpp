@@ -181,8 +181,9 @@ Packed pack(const std::vector<uint16_t>& w, int64_t n, int64_t k) {
 // spmspv's throughput with memory out of the way, per thread: one thread on a 1024 x 384 weight (50 %
 // sparse, 0.44 MiB packed) that stays in its core's L2 (512 KiB on Zen 3) and is read again at
 // every call; b = 1, every activation kept. Times the thread count (the cores are not SMT
-// siblings), it is the most a DRAM-resident case can read with the kernel's instructions. A weight
-// in the shared L3 is no such ceiling: on a busy host its calls read about as slowly as from DRAM.
+// siblings), it is the most a DRAM-resident case can read with the kernel's instructions. An 8 MiB
+// weight is no such ceiling: on the shared reference VM it was not kept in the L3 and read about as
+// slowly as from DRAM.
 double measure_spmspv_in_l2(bool quick) {
   std::mt19937 rng(7);
   constexpr int64_t n = 1024, k = 384;
