@@ -14,8 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*cmd, timeout: int = 900) -> str:
-    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+def run(*cmd) -> str:
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=900,
                             check=False)
     assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
