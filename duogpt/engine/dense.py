@@ -33,9 +33,11 @@ class DenseGemvLinear(nn.Linear):
         rows = x.reshape(-1, self.in_features)  # [tokens, in]
         if rows.shape[0] > MAX_TOKENS:
             return super().forward(x)
-        y = dense_gemv_validated(rows.contiguous(), self.weight)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        # As in SparseLinear.forward: the dict, not `nn.Module.__getattr__`, on the hot path.
+        params = self._parameters
+        y = dense_gemv_validated(rows.contiguous(), params["weight"])
+        if params["bias"] is not None:
+            y = y + params["bias"].to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
