@@ -192,7 +192,7 @@ double measure_spmspv_in_l2(bool quick) {
   std::vector<uint16_t> y(n);
   auto call = [&](int) {
     spmspv_cpu(a.x16.data(), Dtype::kFloat16, 1, k, p.bitmap.data(), p.values.data(), p.offsets.data(),
-               Dtype::kFloat16, n, ActivationRule{}, y.data());
+               Dtype::kFloat16, n, int64_t(p.values.size()), ActivationRule{}, y.data());
   };
   const int threads = omp_get_max_threads();
   omp_set_num_threads(1);
@@ -217,10 +217,10 @@ bool validate(const std::vector<uint16_t>& w, const Packed& p, int64_t n, int64_
   std::vector<float> ys(b * n), yd(b * n);
   std::vector<uint16_t> ys16(b * n), yd16(b * n);
   spmspv_cpu(a.x32.data(), Dtype::kFloat32, b, k, p.bitmap.data(), p.values.data(), p.offsets.data(),
-             Dtype::kFloat16, n, rule, ys.data());
+             Dtype::kFloat16, n, int64_t(p.values.size()), rule, ys.data());
   dense_gemv_cpu(xm32.data(), Dtype::kFloat32, b, k, w.data(), Dtype::kFloat16, n, yd.data());
   spmspv_cpu(a.x16.data(), Dtype::kFloat16, b, k, p.bitmap.data(), p.values.data(), p.offsets.data(),
-             Dtype::kFloat16, n, rule, ys16.data());
+             Dtype::kFloat16, n, int64_t(p.values.size()), rule, ys16.data());
   dense_gemv_cpu(xm16.data(), Dtype::kFloat16, b, k, w.data(), Dtype::kFloat16, n, yd16.data());
   float scale = 0.0f;
   for (float v : yd) scale = std::max(scale, std::fabs(v));
@@ -304,7 +304,8 @@ int run(const Options& opt) {
         auto sparse = [&](int rep) {
           const Packed& q = pc[rep % sparse_copies];
           spmspv_cpu(acts[rep % kActivationSets].x16.data(), Dtype::kFloat16, b, k, q.bitmap.data(),
-                     q.values.data(), q.offsets.data(), Dtype::kFloat16, n, rule, y.data());
+                     q.values.data(), q.offsets.data(), Dtype::kFloat16, n, int64_t(q.values.size()),
+                     rule, y.data());
         };
         double bytes = 0.0;
         for (const Activations& a : acts) bytes += double(a.read_bytes) / kActivationSets;

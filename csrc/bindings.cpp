@@ -66,9 +66,9 @@ PYBIND11_MODULE(_C, m) {
   }, nogil);
   m.def("spmspv_cpu", [](uintptr_t x, int64_t x_dt, int64_t b, int64_t k, uintptr_t bitmap,
                          uintptr_t values, uintptr_t offsets, int64_t v_dt, int64_t n,
-                         uintptr_t threshold, double topk_fraction, uintptr_t y) {
+                         uintptr_t threshold, double topk_fraction, uintptr_t y, int64_t nnz) {
     duogpt::spmspv_cpu(p<const void>(x), dtype(x_dt), b, k, p<const int32_t>(bitmap),
-                       p<const void>(values), p<const int32_t>(offsets), dtype(v_dt), n,
+                       p<const void>(values), p<const int32_t>(offsets), dtype(v_dt), n, nnz,
                        rule(threshold, topk_fraction), p<void>(y));
   }, nogil);
   m.def("dense_gemv_cpu", [](uintptr_t x, int64_t x_dt, int64_t b, int64_t k, uintptr_t w,

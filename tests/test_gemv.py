@@ -4,6 +4,9 @@ CPU instruction set this machine supports, against the pure-PyTorch reference.""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,6 +143,61 @@ def test_bad_activations_are_rejected(x, error, message):
         ops.dense_gemv(x, w)
     with pytest.raises(error, match=message):
         dense_gemv_validated(x, w)
+
+
+def _with_offsets(offsets, at, value):
+    offsets = offsets.clone()
+    offsets[at] = value
+    return offsets
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda bw: (bw.bitmap, bw.values[:-1], bw.offsets), "but values holds"),
+    (lambda bw: (bw.bitmap, bw.values, _with_offsets(bw.offsets, -1, 10**8)), "but values holds"),
+    (lambda bw: (bw.bitmap, bw.values, _with_offsets(bw.offsets, 0, 1)), "offsets run from 1"),
+    (lambda bw: (bw.bitmap, bw.values, _with_offsets(bw.offsets, 3, 10**6)), "descend"),
+], ids=["values-too-short", "offsets-past-values", "offsets-not-from-0", "offsets-descending"])
+def test_packed_tensors_that_do_not_belong_together_are_rejected(isa, corrupt, message):
+    """The raw op takes the packed tensors apart; offsets that do not run from 0 up to the length
+    of values are refused before any value is read."""
+    bw = BitmapWeight.from_dense(sparse_weight(300, 70, 0.5, torch.float16))
+    with pytest.raises(ValueError, match=message):
+        torch.ops.duogpt.spmspv(torch.randn(2, 70, dtype=torch.float16), *corrupt(bw), 300)
+
+
+# The values end where an inaccessible page begins, so a read past them kills the process.
+_GUARDED_SPMSPV = """
+import ctypes, mmap, torch
+from duogpt import BitmapWeight, _native
+page = mmap.PAGESIZE
+for isa in _native.lib().supported_cpu_isas():
+    _native.lib().set_cpu_isa(isa)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        w = torch.randn(300, 70)
+        w[torch.rand(300, 70) < 0.9] = 0
+        bw = BitmapWeight.from_dense(w.to(dtype))
+        nbytes = bw.values.numel() * bw.values.element_size()
+        pages = -(-nbytes // page)
+        buf = mmap.mmap(-1, (pages + 1) * page)
+        start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start + pages * page), page, 0) == 0
+        values = torch.frombuffer(buf, dtype=dtype, count=bw.values.numel(), offset=pages * page - nbytes)
+        values.copy_(bw.values)
+        every_bit = torch.full_like(bw.bitmap, -1)  # 320 bits a channel, about 30 values
+        for b in (1, 3):
+            torch.ops.duogpt.spmspv(torch.ones(b, 70, dtype=dtype), every_bit, values, bw.offsets, 300)
+        print(isa, dtype, "ok")
+"""
+
+
+def test_a_bitmap_with_more_bits_than_values_never_reads_past_them():
+    """A corrupted bitmap (every bit set, far more than the values it claims) gives a wrong y but
+    no read outside values, on every CPU code path (run in a child: a stray read would crash)."""
+    # From the tests folder: in the source root, `python -c` would import the uncompiled package.
+    run = subprocess.run([sys.executable, "-c", _GUARDED_SPMSPV], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).parent)
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout}{run.stderr}"
+    assert run.stdout.count("ok") == 3 * len(_native.lib().supported_cpu_isas())
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -277,7 +277,7 @@ class GemvBench {
     };
     std::vector<float> want(size_t(b) * n);
     spmspv_cpu(xf.data(), Dtype::kFloat32, b, k, bitmap.data(), values.data(), offsets.data(),
-               Dtype::kFloat16, n, rule_host, want.data());
+               Dtype::kFloat16, n, nnz, rule_host, want.data());
     launch();
     DUOGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (!close_enough(halves_to_float(d_y.download()), want, "spmspv_cuda")) {

@@ -85,8 +85,7 @@ struct BF16 {
 // ---- spMspV: one input channel into b accumulator rows ----------------------------------------
 
 // One value at a time, touching only rows with a non-zero weight: the path for a channel whose
-// activations are not all finite (x * 0 must not turn the zero lanes into NaN) and for the words
-// whose 8-value loads would reach past the end of the values array.
+// activations are not all finite (x * 0 must not turn the zero lanes into NaN).
 template <typename V>
 const typename V::T* accumulate_word_scalar(uint32_t m, const typename V::T* v, const float* x,
                                             int64_t b, float* a, int64_t ld) {
@@ -98,22 +97,16 @@ const typename V::T* accumulate_word_scalar(uint32_t m, const typename V::T* v, 
   return v;
 }
 
+// Each byte's expansion reads 8 values (kOverRead) from its first, which the caller makes readable.
 template <typename V, int B>
 void accumulate_tokens(const uint32_t* words, int64_t nwords, const typename V::T* v,
-                       int64_t readable, const float* x, float* acc, int64_t ld) {
+                       const float* x, float* acc, int64_t ld) {
   __m256 xb[B];
   for (int t = 0; t < B; ++t) xb[t] = _mm256_set1_ps(x[t]);
-  // Each byte's load reads 8 values from at most 24 past the word's first one: a word whose first
-  // value is 32 or more before the end is safe.
-  const typename V::T* const end = v + readable;
   for (int64_t q = 0; q < nwords; ++q) {
     const uint32_t m = words[q];
     if (m == 0) continue;
     float* a = acc + q * 32;
-    if (end - v < 32) {
-      v = accumulate_word_scalar<V>(m, v, x, B, a, ld);
-      continue;
-    }
     for (int byte = 0; byte < 4; ++byte) {
       const uint32_t mb = (m >> (8 * byte)) & 0xffu;
       const __m256 w = V::expand8(v, mb);
@@ -127,8 +120,8 @@ void accumulate_tokens(const uint32_t* words, int64_t nwords, const typename V::
 }
 
 template <typename V>
-void accumulate(const uint32_t* words, int64_t nwords, const void* values, int64_t readable,
-                const float* x, int64_t b, float* acc, int64_t ld) {
+void accumulate(const uint32_t* words, int64_t nwords, const void* values, const float* x,
+                int64_t b, float* acc, int64_t ld) {
   const auto* v = static_cast<const typename V::T*>(values);
   bool finite = true;
   for (int64_t t = 0; t < b; ++t) finite &= (x[t] - x[t]) == 0.0f;
@@ -137,13 +130,13 @@ void accumulate(const uint32_t* words, int64_t nwords, const void* values, int64
     return;
   }
   with_tokens(b, [&](auto B) {
-    accumulate_tokens<V, decltype(B)::value>(words, nwords, v, readable, x, acc, ld);
+    accumulate_tokens<V, decltype(B)::value>(words, nwords, v, x, acc, ld);
   });
 }
 
 // kGroup channels into b accumulator rows: per 8 rows, the kGroup expanded weight vectors are
 // summed into each token's accumulator with one load and one store. All x are finite (the zero
-// lanes of an expansion contribute x * 0 = 0) and every channel is readable 8 values past its end.
+// lanes of an expansion contribute x * 0 = 0).
 template <typename V, int B>
 void accumulate_group_tokens(const ChannelGroup& g, int64_t nwords, float* acc, int64_t ld) {
   const typename V::T* v[kGroup];

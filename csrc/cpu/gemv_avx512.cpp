@@ -97,8 +97,8 @@ void accumulate_tokens(const uint32_t* words, int64_t nwords, const typename V::
 }
 
 template <typename V>
-void accumulate(const uint32_t* words, int64_t nwords, const void* values, int64_t /*readable*/,
-                const float* x, int64_t b, float* acc, int64_t ld) {
+void accumulate(const uint32_t* words, int64_t nwords, const void* values, const float* x,
+                int64_t b, float* acc, int64_t ld) {
   const auto* v = static_cast<const typename V::T*>(values);
   with_tokens(b, [&](auto B) {
     accumulate_tokens<V, decltype(B)::value>(words, nwords, v, x, acc, ld);

@@ -7,12 +7,17 @@
 
 namespace duogpt::cpu {
 
+/// Values a kernel may read past the last non-zero of a channel's bitmap row (a vector load of 8
+/// at the last set bit). With at most 32 * nwords set bits, a kernel reads at most
+/// 32 * nwords + kOverRead values from a channel's first: the caller makes that many readable,
+/// whatever the bitmap holds.
+constexpr int64_t kOverRead = 8;
+
 /// acc[t * ld + r] += x[t] * W[r, j] for every non-zero W[r, j] of one input channel j, t < b.
 /// Rows are padded to 32 * nwords <= ld, so a word can be written whole. `values` points at the
-/// channel's first value; reading at most `readable` values from it is allowed.
+/// channel's first value.
 using AccumulateChannelFn = void (*)(const uint32_t* words, int64_t nwords, const void* values,
-                                     int64_t readable, const float* x, int64_t b, float* acc,
-                                     int64_t ld);
+                                     const float* x, int64_t b, float* acc, int64_t ld);
 
 /// Channels taken together by AccumulateGroupFn.
 constexpr int kGroup = 4;
@@ -27,7 +32,7 @@ struct ChannelGroup {
 
 /// The same for the kGroup channels of `g` at once, so that each accumulator vector is loaded and
 /// stored once per group instead of once per channel. Channel c's activations x[c][t] are all
-/// finite, and its values are readable for 8 past its last non-zero. Null for instruction sets
+/// finite (the zero lanes of an expansion contribute x * 0 = 0). Null for instruction sets
 /// without one: the caller then goes channel by channel.
 using AccumulateGroupFn = void (*)(const ChannelGroup& g, int64_t nwords, int64_t b, float* acc,
                                    int64_t ld);

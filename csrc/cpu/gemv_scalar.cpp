@@ -19,8 +19,8 @@ inline float load(const Half* p, int64_t i) { return half_to_float(p[i].bits); }
 inline float load(const BHalf* p, int64_t i) { return bf16_to_float(p[i].bits); }
 
 template <typename T>
-void accumulate(const uint32_t* words, int64_t nwords, const void* values, int64_t /*readable*/,
-                const float* x, int64_t b, float* acc, int64_t ld) {
+void accumulate(const uint32_t* words, int64_t nwords, const void* values, const float* x,
+                int64_t b, float* acc, int64_t ld) {
   const T* v = static_cast<const T*>(values);
   int64_t p = 0;
   for (int64_t q = 0; q < nwords; ++q) {

@@ -57,6 +57,7 @@ struct Scratch {
   Buffer<int64_t> work;  // [n_active + 1] running count of their non-zeros
   Buffer<uint32_t> keys;  // top-k candidates
   Buffer<float> acc;     // [threads, b, ld] per-thread accumulators; dense: [b, n] output
+  Buffer<char> tail;     // [threads, kGroup, reach] zero-padded copies of the last channels' values
 };
 
 Scratch& scratch() {
@@ -190,6 +191,15 @@ void check_gemv_sizes(Dtype x_dt, Dtype w_dt, int64_t b, int64_t k, int64_t n) {
   DUOGPT_CHECK(k > 0 && n > 0, "sizes must be positive, got k=", k, " n=", n);
 }
 
+// `count` values (of `vsize` bytes) from v into copy, zero-padded to `reach`: a channel near the end
+// of values as far as a kernel may read it. Out of line: it runs for a few channels per call.
+[[gnu::noinline]] const char* padded_copy(const char* v, int64_t count, int64_t reach, int64_t vsize,
+                                          char* copy) {
+  std::memcpy(copy, v, count * vsize);
+  std::memset(copy + count * vsize, 0, (reach - count) * vsize);
+  return copy;
+}
+
 // Rows [r0, r1) of thread th out of threads, in blocks of 16 rows so that no two threads write one
 // cache line of a float32 row.
 inline void row_range(int64_t n, int th, int threads, int64_t& r0, int64_t& r1) {
@@ -201,17 +211,21 @@ inline void row_range(int64_t n, int th, int threads, int64_t& r0, int64_t& r1) 
 }  // namespace
 
 void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* bitmap,
-                const void* values, const int32_t* offsets, Dtype v_dt, int64_t n,
+                const void* values, const int32_t* offsets, Dtype v_dt, int64_t n, int64_t nnz,
                 ActivationRule rule, void* y) {
   check_gemv_sizes(x_dt, v_dt, b, k, n);
   DUOGPT_CHECK(rule.threshold == nullptr || rule.topk_fraction < 0.0,
                "give either a threshold or a top-k fraction, not both");
   DUOGPT_CHECK(rule.topk_fraction < 1.0, "topk_fraction must be in [0, 1), got ", rule.topk_fraction);
   const int64_t words = bitmap_words(n), tiles = bitmap_tiles(n);
+  DUOGPT_CHECK(offsets[0] == 0 && offsets[k * tiles] == nnz, "offsets run from ", offsets[0], " to ",
+               offsets[k * tiles], " but values holds ", nnz, " non-zeros: offsets must run from 0 "
+               "to the length of values (pass the tensors of one packed weight)");
   // One spare cache line per accumulator row: rows a multiple of 4 KiB apart would make every
   // load of one token's row wait on the store to the previous token's (4K aliasing).
   const int64_t ld = words * kWordBits + 16;
-  const int64_t nnz = offsets[k * tiles];
+  // What a kernel may read from a channel's first value, whatever its bitmap holds (gemv_isa.h).
+  const int64_t reach = words * kWordBits + cpu::kOverRead;
   Scratch& s = scratch();
 
   float* xs = s.xs.get(b * k);
@@ -225,6 +239,9 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
   int64_t* work = s.work.get(k + 1);
   int64_t n_active = 0;
   work[0] = 0;
+  // With the ends checked above, channel starts that ascend all lie in [0, nnz]. Checked here, on
+  // offsets this loop reads anyway: a loop of its own costs 3-5 % of a call on 576-wide weights.
+  bool ascending = true;
   for (int64_t j = 0; j < k; ++j) {
     bool any = false;
     for (int64_t t = 0; t < b; ++t) {
@@ -232,10 +249,14 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
       xa[n_active * b + t] = v;
       any |= v != 0.0f;
     }
+    const int32_t start = offsets[j * tiles], next = offsets[(j + 1) * tiles];
+    ascending &= start <= next;
     active[n_active] = static_cast<int32_t>(j);
-    work[n_active + 1] = work[n_active] + offsets[(j + 1) * tiles] - offsets[j * tiles];
+    work[n_active + 1] = work[n_active] + next - start;
     n_active += any;
   }
+  DUOGPT_CHECK(ascending, "offsets descend between input channels: the packed weight is corrupted "
+               "(BitmapWeight.from_state_dict validates it and names the first bad entry)");
 
   if (n_active == 0) {
     float* zeros = s.acc.get(b * n);
@@ -252,6 +273,7 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
   const int64_t vsize = dtype_size(v_dt);
   const int threads = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), n_active));
   float* acc = s.acc.get(threads * b * ld);
+  char* tails = s.tail.get(threads * cpu::kGroup * reach * vsize);
   const int64_t total = work[n_active];
 
 #pragma omp parallel num_threads(threads)
@@ -264,9 +286,18 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
     const int64_t a0 = bound(th), a1 = th + 1 == threads ? n_active : bound(th + 1);
     float* mine = acc + th * b * ld;
     std::fill_n(mine, b * ld, 0.0f);
+    // The values of channel j, or, with fewer than `reach` after its start (the last channels of
+    // the matrix), a zero-padded copy in slot c of this thread's tail: no kernel reads past the
+    // end of values.
+    char* tail = tails + th * cpu::kGroup * reach * vsize;
+    auto channel_values = [&](int64_t j, int c) {
+      const int64_t start = offsets[j * tiles];
+      const char* v = vbytes + start * vsize;
+      return start + reach <= nnz ? v : padded_copy(v, nnz - start, reach, vsize, tail + c * reach * vsize);
+    };
     auto one = [&](int64_t a) {
-      const int64_t j = active[a], start = offsets[j * tiles];
-      accumulate(bm + j * words, words, vbytes + start * vsize, nnz - start, xa + a * b, b, mine, ld);
+      const int64_t j = active[a];
+      accumulate(bm + j * words, words, channel_values(j, 0), xa + a * b, b, mine, ld);
     };
     // Group i takes entry i of each of the kGroup equal runs of this slice. Each of the kernel's
     // kGroup value (and bitmap) streams then goes on in the next group where it ended, one long
@@ -277,20 +308,25 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
     const int64_t run = group != nullptr ? (a1 - a0) / cpu::kGroup : 0;
     auto entry = [&](int64_t i, int c) { return a0 + c * run + i; };
     for (int64_t i = 0; i < run; ++i) {
-      cpu::ChannelGroup g;
-      for (int c = 0; c < cpu::kGroup; ++c) {
-        const int64_t j = active[entry(i, c)], start = offsets[j * tiles];
-        g.words[c] = bm + j * words;
-        g.values[c] = vbytes + start * vsize;
-        g.x[c] = xa + entry(i, c) * b;
-      }
-      // The group kernel reads up to 8 values past each channel and multiplies zero weights by x.
-      // The last run holds the group's highest channel.
-      bool safe = offsets[(active[entry(i, cpu::kGroup - 1)] + 1) * tiles] + 8 <= nnz;
-      for (int c = 0; c < cpu::kGroup; ++c) safe &= all_finite(g.x[c], b);
-      if (!safe) {
+      // The group kernel multiplies zero weights by x: a non-finite x goes channel by channel.
+      bool finite = true;
+      for (int c = 0; c < cpu::kGroup; ++c) finite &= all_finite(xa + entry(i, c) * b, b);
+      if (!finite) {
         for (int c = 0; c < cpu::kGroup; ++c) one(entry(i, c));
         continue;
+      }
+      cpu::ChannelGroup g;
+      for (int c = 0; c < cpu::kGroup; ++c) {
+        const int64_t j = active[entry(i, c)];
+        g.words[c] = bm + j * words;
+        g.values[c] = vbytes + offsets[j * tiles] * vsize;
+        g.x[c] = xa + entry(i, c) * b;
+      }
+      // Channels start in ascending order, so the last run's starts last: only when it is near the
+      // end of values does the group need the padded copies (checking every channel would cost
+      // 2-4 % of a call on 576-row weights).
+      if (offsets[active[entry(i, cpu::kGroup - 1)] * tiles] + reach > nnz) {
+        for (int c = 0; c < cpu::kGroup; ++c) g.values[c] = channel_values(active[entry(i, c)], c);
       }
       group(g, words, b, mine, ld);
     }

@@ -45,7 +45,8 @@ def _spmspv_fake(x, bitmap, values, offsets, out_features, threshold=None, topk_
 def _spmspv_args(x, bitmap, values, offsets, out_features, threshold, topk_fraction, y):
     return (x.data_ptr(), _native.dtype_code(x), x.shape[0], x.shape[1], bitmap.data_ptr(),
             values.data_ptr(), offsets.data_ptr(), _native.dtype_code(values), out_features,
-            _native.ptr(threshold), -1.0 if topk_fraction is None else topk_fraction, y.data_ptr())
+            _native.ptr(threshold), -1.0 if topk_fraction is None else topk_fraction, y.data_ptr(),
+            values.numel())
 
 
 def _run_spmspv_cpu(x, bitmap, values, offsets, out_features, threshold, topk_fraction):
@@ -91,7 +92,7 @@ def _spmspv_cuda(x, bitmap, values, offsets, out_features, threshold=None, topk_
                                 dtype=torch.uint8, device=x.device)
         C.spmspv_cuda(*_spmspv_args(x, bitmap, values, offsets, out_features, threshold,
                                     topk_fraction, y),
-                      values.numel(), workspace.data_ptr(), workspace.numel(), _native.stream(x))
+                      workspace.data_ptr(), workspace.numel(), _native.stream(x))
     return y
 
 

@@ -18,12 +18,17 @@ struct ActivationRule {
 /// @brief Bitmap spMspV. Channels whose activation is zero for all b tokens are never read.
 /// Non-finite activations count as the largest magnitudes: they are kept and propagate into y
 /// through the non-zero weights of their channel.
+/// Offsets that do not start at 0, end at nnz and ascend between channels raise ArgumentError
+/// (checked as the channels are listed, at no extra cost). The bitmap is not validated per call
+/// (bitmap_validate_cpu does that once): whatever its bits, no read leaves values[0, nnz), and an
+/// inconsistent bitmap only gives a wrong y.
 void spmspv_cpu(const void* x,            // [b, k], dtype x_dt (y has the same dtype)
                 Dtype x_dt, int64_t b, int64_t k,
                 const int32_t* bitmap,    // [k, bitmap_words(n)]
                 const void* values,       // [nnz], dtype v_dt
                 const int32_t* offsets,   // [k * bitmap_tiles(n) + 1]
                 Dtype v_dt, int64_t n,
+                int64_t nnz,              // the length of values
                 ActivationRule rule,
                 void* y);                 // out: [b, n], dtype x_dt
 
