@@ -144,10 +144,20 @@ inline uint32_t magnitude_key(float v) { return std::min(bits_of(v) & 0x7fffffff
 // finds its bucket in one pass; nth_element finishes among the few keys of that bucket.
 uint32_t select_magnitude(const float* x, int64_t k, int64_t rank, uint32_t* cand) {
   constexpr int kShift = 20;  // keys are below 2^31: 2048 buckets of 2^20
+  constexpr int kStride = 16;  // buckets summed per step of the scan (it divides 2048)
   uint32_t hist[1u << (31 - kShift)] = {};
   for (int64_t j = 0; j < k; ++j) ++hist[magnitude_key(x[j]) >> kShift];
+  // The scan walks ~1000 buckets to the median of activation-like data: kStride at a time, the
+  // sums vectorised, then one by one. Bucket by bucket it was a quarter of the selection.
   uint32_t bucket = 0;
   int64_t below = 0;
+  for (;;) {
+    uint32_t sum = 0;
+    for (int i = 0; i < kStride; ++i) sum += hist[bucket + i];
+    if (below + sum > rank) break;
+    below += sum;
+    bucket += kStride;
+  }
   while (below + hist[bucket] <= rank) below += hist[bucket++];
   int64_t count = 0;
   for (int64_t j = 0; j < k; ++j) {
