@@ -55,7 +55,7 @@ struct Scratch {
   Buffer<int32_t> active;  // [n_active] channel indices
   Buffer<float> xa;      // [n_active, b] their activations
   Buffer<int64_t> work;  // [n_active + 1] running count of their non-zeros
-  Buffer<uint32_t> keys;  // top-k candidates
+  Buffer<uint32_t> keys;  // [threads, k] top-k candidates
   Buffer<float> acc;     // [threads, b, ld] per-thread accumulators; dense: [b, n] output
   Buffer<char> tail;     // [threads, kGroup, reach] zero-padded copies of the last channels' values
 };
@@ -169,7 +169,7 @@ uint32_t select_magnitude(const float* x, int64_t k, int64_t rank, uint32_t* can
   return cand[rank - below];
 }
 
-// Zero the entries of xs [b, k] that the rule drops (see spmspv.h).
+// Zero the entries of xs [b, k] that the rule drops (see spmspv.h). `cand` holds k keys per thread.
 void apply_rule(float* xs, int64_t b, int64_t k, const ActivationRule& rule, uint32_t* cand) {
   if (rule.threshold != nullptr) {
     for (int64_t t = 0; t < b; ++t) {
@@ -181,10 +181,20 @@ void apply_rule(float* xs, int64_t b, int64_t k, const ActivationRule& rule, uin
     }
   } else if (rule.topk_fraction >= 0.0) {
     const int64_t drop = std::min<int64_t>(k - 1, static_cast<int64_t>(double(k) * rule.topk_fraction));
-    for (int64_t t = 0; t < b; ++t) {
+    auto select = [&](int64_t t, uint32_t* keys) {
       float* xt = xs + t * k;
-      const uint32_t tau = select_magnitude(xt, k, drop, cand);
+      const uint32_t tau = select_magnitude(xt, k, drop, keys);
       for (int64_t j = 0; j < k; ++j) xt[j] = magnitude_key(xt[j]) >= tau ? xt[j] : 0.0f;
+    };
+    // Tokens select independently. From 3 tokens on, the threads share them: one more fork/join
+    // (~1 us) against ~2 us of selection per token on 576 channels, 1.0-1.17x at b = 4 and 8 on
+    // SmolLM2's shapes (bench/results/cpu-module-call-and-bounds-2026-11-24.md); at b = 2 it
+    // did not pay.
+    if (b <= 2) {
+      for (int64_t t = 0; t < b; ++t) select(t, cand);
+    } else {
+#pragma omp parallel for schedule(static)
+      for (int64_t t = 0; t < b; ++t) select(t, cand + omp_get_thread_num() * k);
     }
   }
 }
@@ -240,7 +250,7 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
 
   float* xs = s.xs.get(b * k);
   to_float(x, x_dt, b * k, xs);
-  apply_rule(xs, b, k, rule, s.keys.get(k));
+  apply_rule(xs, b, k, rule, s.keys.get(omp_get_max_threads() * k));
 
   // Active channels, their activations [active][b] and the running count of their non-zeros,
   // compacted without branches (whether a channel is active is a coin flip under top-k).
