@@ -58,11 +58,18 @@ def test_pruning_nothing_changes_nothing():
     ({"nm": (4, 4), "score_coef": torch.ones(8)}, "0 < N < M"),
     ({"nm": (2, 4)}, "score_coef"),
     ({"mask": torch.zeros(4, 8, dtype=torch.bool), "nm": (2, 4)}, "either a mask or"),
-], ids=["mask-shape", "mask-dtype", "m-not-dividing", "n-equals-m", "no-coef", "both"])
+    ({}, "got neither"),
+], ids=["mask-shape", "mask-dtype", "m-not-dividing", "n-equals-m", "no-coef", "both", "neither"])
 def test_bad_rules_are_rejected(kwargs, message):
     W1, U1, _ = block_problem(4, 8, with_P=False)
     with pytest.raises((ValueError, TypeError), match=message):
         ops.obs_prune_block(W1, U1, **kwargs)
+
+
+def test_n_m_groups_wider_than_64_are_rejected():
+    W1, U1, _ = block_problem(2, 128, with_P=False)
+    with pytest.raises(ValueError, match="M <= 64"):
+        ops.obs_prune_block(W1, U1, nm=(2, 128), score_coef=torch.ones(128))
 
 
 def test_bad_factors_are_rejected():

@@ -27,8 +27,10 @@ def _check(W1, U1, P1, mask, prunen, prunem, score_coef) -> None:
         require(prunem == 0 and score_coef is None,
                 lambda: "give either a mask or an N:M rule (prunen, prunem, score_coef)")
         return
-    require(0 < prunen < prunem and B % prunem == 0, lambda: f"N:M pruning needs "
-            f"0 < N < M with M dividing the block width {B}, got {prunen}:{prunem}")
+    require(prunen != 0 or prunem != 0, lambda: "give a mask or an N:M rule (prunen, prunem, "
+            "score_coef); got neither")
+    require(0 < prunen < prunem <= 64 and B % prunem == 0, lambda: f"N:M pruning needs "
+            f"0 < N < M <= 64 with M dividing the block width {B}, got {prunen}:{prunem}")
     require(score_coef is not None, lambda: "N:M pruning needs score_coef [B]")
     check_tensor(score_coef, "score_coef", dtypes=(torch.float32,), dim=1)
     require(score_coef.shape[0] == B, lambda: f"score_coef must have {B} entries, got "
