@@ -134,43 +134,45 @@ void accumulate(const uint32_t* words, int64_t nwords, const void* values, const
   });
 }
 
-// kGroup channels into b accumulator rows: per 8 rows, the kGroup expanded weight vectors are
-// summed into each token's accumulator with one load and one store. All x are finite (the zero
-// lanes of an expansion contribute x * 0 = 0).
+// The groups of a slice into b accumulator rows (AccumulateGroupsFn).
 template <typename V, int B>
-void accumulate_group_tokens(const ChannelGroup& g, int64_t nwords, float* acc, int64_t ld) {
-  const typename V::T* v[kGroup];
-  const uint8_t* bits[kGroup];  // the bitmap read byte by byte (x86 is little-endian)
-  __m256 xb[kGroup][B];
-  for (int c = 0; c < kGroup; ++c) {
-    v[c] = reinterpret_cast<const typename V::T*>(g.values[c]);
-    bits[c] = reinterpret_cast<const uint8_t*>(g.words[c]);
-    for (int t = 0; t < B; ++t) xb[c][t] = _mm256_set1_ps(g.x[c][t]);
-  }
-  for (int64_t q = 0; q < nwords; ++q) {
-    float* a = acc + q * 32;
-    for (int byte = 0; byte < 4; ++byte) {
-      __m256 w[kGroup];
-      for (int c = 0; c < kGroup; ++c) {
-        const uint32_t mb = bits[c][4 * q + byte];
-        w[c] = V::expand8(v[c], mb);
-        v[c] += _mm_popcnt_u32(mb);
-      }
-      for (int t = 0; t < B; ++t) {
-        float* at = a + t * ld + 8 * byte;
-        // A pairwise sum keeps the dependency chain through the accumulator short.
-        const __m256 s01 = _mm256_fmadd_ps(xb[1][t], w[1], _mm256_mul_ps(xb[0][t], w[0]));
-        const __m256 s23 = _mm256_fmadd_ps(xb[3][t], w[3], _mm256_mul_ps(xb[2][t], w[2]));
-        _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), _mm256_add_ps(s01, s23)));
+void accumulate_groups_tokens(const GroupedSlice& s, float* acc, int64_t ld) {
+  const auto* values = static_cast<const typename V::T*>(s.values);
+  for (int64_t i = 0; i < s.groups; ++i) {
+    const typename V::T* v[kGroup];
+    const uint8_t* bits[kGroup];  // the bitmap read byte by byte (x86 is little-endian)
+    __m256 xb[kGroup][B];
+    for (int c = 0; c < kGroup; ++c) {
+      const int64_t a = s.first + c * s.run + i, j = s.active[a];
+      v[c] = values + s.offsets[j * s.tiles];
+      bits[c] = reinterpret_cast<const uint8_t*>(s.bitmap + j * s.nwords);
+      for (int t = 0; t < B; ++t) xb[c][t] = _mm256_set1_ps(s.xa[a * B + t]);
+    }
+    for (int64_t q = 0; q < s.nwords; ++q) {
+      float* a = acc + q * 32;
+      for (int byte = 0; byte < 4; ++byte) {
+        __m256 w[kGroup];
+        for (int c = 0; c < kGroup; ++c) {
+          const uint32_t mb = bits[c][4 * q + byte];
+          w[c] = V::expand8(v[c], mb);
+          v[c] += _mm_popcnt_u32(mb);
+        }
+        for (int t = 0; t < B; ++t) {
+          float* at = a + t * ld + 8 * byte;
+          // A pairwise sum keeps the dependency chain through the accumulator short.
+          const __m256 s01 = _mm256_fmadd_ps(xb[1][t], w[1], _mm256_mul_ps(xb[0][t], w[0]));
+          const __m256 s23 = _mm256_fmadd_ps(xb[3][t], w[3], _mm256_mul_ps(xb[2][t], w[2]));
+          _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), _mm256_add_ps(s01, s23)));
+        }
       }
     }
   }
 }
-static_assert(kGroup == 4, "accumulate_group_tokens sums exactly four channels");
+static_assert(kGroup == 4, "accumulate_groups_tokens sums exactly four channels");
 
 template <typename V>
-void accumulate_group(const ChannelGroup& g, int64_t nwords, int64_t b, float* acc, int64_t ld) {
-  with_tokens(b, [&](auto B) { accumulate_group_tokens<V, decltype(B)::value>(g, nwords, acc, ld); });
+void accumulate_groups(const GroupedSlice& s, float* acc, int64_t ld) {
+  with_tokens(s.b, [&](auto B) { accumulate_groups_tokens<V, decltype(B)::value>(s, acc, ld); });
 }
 
 // ---- dense rows ---------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ const GemvKernels& gemv_kernels_avx2() {
   using namespace avx2;
   static const GemvKernels k{"avx2",
                              {accumulate<F32>, accumulate<F16>, accumulate<BF16>},
-                             {accumulate_group<F32>, accumulate_group<F16>, accumulate_group<BF16>},
+                             {accumulate_groups<F32>, accumulate_groups<F16>, accumulate_groups<BF16>},
                              {dense<F32>, dense<F16>, dense<BF16>}};
   return k;
 }

@@ -19,23 +19,30 @@ constexpr int64_t kOverRead = 8;
 using AccumulateChannelFn = void (*)(const uint32_t* words, int64_t nwords, const void* values,
                                      const float* x, int64_t b, float* acc, int64_t ld);
 
-/// Channels taken together by AccumulateGroupFn.
+/// Channels taken together by AccumulateGroupsFn.
 constexpr int kGroup = 4;
 
-/// kGroup active channels: channel c has its bitmap row `words[c]`, its values from `values[c]` and
-/// its b activations `x[c]`.
-struct ChannelGroup {
-  const uint32_t* words[kGroup];
-  const char* values[kGroup];
-  const float* x[kGroup];
+/// Groups of kGroup active channels from a thread's slice: group i < groups holds the active
+/// entries first + c * run + i, c < kGroup, one from each of the slice's kGroup runs, so that each
+/// of the kernel's kGroup weight streams goes on in the next group where it ended.
+struct GroupedSlice {
+  const uint32_t* bitmap;   // [k, nwords]
+  int64_t nwords;
+  const void* values;       // channel j's non-zeros from values[offsets[j * tiles]]
+  const int32_t* offsets;
+  int64_t tiles;
+  const int32_t* active;    // [n_active] channel indices
+  const float* xa;          // [n_active, b] their activations, all finite
+  int64_t b;
+  int64_t first, run, groups;
 };
 
-/// The same for the kGroup channels of `g` at once, so that each accumulator vector is loaded and
-/// stored once per group instead of once per channel. Channel c's activations x[c][t] are all
-/// finite (the zero lanes of an expansion contribute x * 0 = 0). Null for instruction sets
-/// without one: the caller then goes channel by channel.
-using AccumulateGroupFn = void (*)(const ChannelGroup& g, int64_t nwords, int64_t b, float* acc,
-                                   int64_t ld);
+/// Every group of `s` into acc: per 8 rows, the kGroup expanded weight vectors are summed into
+/// each token's accumulator with one load and one store (the zero lanes of an expansion
+/// contribute x * 0 = 0, as all x are finite). Every channel of these groups is readable for
+/// 32 * nwords + kOverRead values. One call per slice keeps the per-group work to the group's
+/// own pointers. Null for instruction sets without one: the caller then goes channel by channel.
+using AccumulateGroupsFn = void (*)(const GroupedSlice& s, float* acc, int64_t ld);
 
 /// y[t * n + r] = sum_j x[t * k + j] * w[r * k + j] for rows r in [r0, r1), t < b.
 using DenseRowsFn = void (*)(const void* w, int64_t k, const float* x, int64_t b, int64_t r0,
@@ -45,7 +52,7 @@ using DenseRowsFn = void (*)(const void* w, int64_t k, const float* x, int64_t b
 struct GemvKernels {
   const char* name;
   AccumulateChannelFn accumulate[3];
-  AccumulateGroupFn accumulate_group[3];
+  AccumulateGroupsFn accumulate_groups[3];
   DenseRowsFn dense[3];
 };
 

@@ -57,7 +57,7 @@ struct Scratch {
   Buffer<int64_t> work;  // [n_active + 1] running count of their non-zeros
   Buffer<uint32_t> keys;  // [threads, k] top-k candidates
   Buffer<float> acc;     // [threads, b, ld] per-thread accumulators; dense: [b, n] output
-  Buffer<char> tail;     // [threads, kGroup, reach] zero-padded copies of the last channels' values
+  Buffer<char> tail;     // [threads, reach] a zero-padded copy of one of the last channels' values
 };
 
 Scratch& scratch() {
@@ -287,13 +287,16 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
 
   const cpu::GemvKernels& kernels = cpu::active_gemv_kernels();
   const auto accumulate = kernels.accumulate[int64_t(v_dt)];
-  const auto group = kernels.accumulate_group[int64_t(v_dt)];
+  const auto groups = kernels.accumulate_groups[int64_t(v_dt)];
+  // The group kernel multiplies zero weights by x: with a non-finite activation (kept by every
+  // rule), each channel goes alone.
+  const bool grouped = groups != nullptr && all_finite(xa, n_active * b);
   const auto* bm = reinterpret_cast<const uint32_t*>(bitmap);
   const char* vbytes = static_cast<const char*>(values);
   const int64_t vsize = dtype_size(v_dt);
   const int threads = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), n_active));
   float* acc = s.acc.get(threads * b * ld);
-  char* tails = s.tail.get(threads * cpu::kGroup * reach * vsize);
+  char* tails = s.tail.get(threads * reach * vsize);
   const int64_t total = work[n_active];
 
 #pragma omp parallel num_threads(threads)
@@ -306,18 +309,14 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
     const int64_t a0 = bound(th), a1 = th + 1 == threads ? n_active : bound(th + 1);
     float* mine = acc + th * b * ld;
     std::fill_n(mine, b * ld, 0.0f);
-    // The values of channel j, or, with fewer than `reach` after its start (the last channels of
-    // the matrix), a zero-padded copy in slot c of this thread's tail: no kernel reads past the
-    // end of values.
-    char* tail = tails + th * cpu::kGroup * reach * vsize;
-    auto channel_values = [&](int64_t j, int c) {
-      const int64_t start = offsets[j * tiles];
-      const char* v = vbytes + start * vsize;
-      return start + reach <= nnz ? v : padded_copy(v, nnz - start, reach, vsize, tail + c * reach * vsize);
-    };
+    char* tail = tails + th * reach * vsize;
     auto one = [&](int64_t a) {
-      const int64_t j = active[a];
-      accumulate(bm + j * words, words, channel_values(j, 0), xa + a * b, b, mine, ld);
+      const int64_t j = active[a], start = offsets[j * tiles];
+      const char* v = vbytes + start * vsize;
+      // With fewer than `reach` values after its start (the last channels of the matrix), a
+      // zero-padded copy: no kernel reads past the end of values.
+      if (start + reach > nnz) v = padded_copy(v, nnz - start, reach, vsize, tail);
+      accumulate(bm + j * words, words, v, xa + a * b, b, mine, ld);
     };
     // Group i takes entry i of each of the kGroup equal runs of this slice. Each of the kernel's
     // kGroup value (and bitmap) streams then goes on in the next group where it ended, one long
@@ -325,32 +324,20 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
     // stream would end where the next one began, and the prefetcher would restart kGroup streams
     // per group: this order is 0.99-1.39x as fast, median 1.1x, on 576 rows or more
     // (bench/results/cpu-gemv-strided-2026-11-24.md).
-    const int64_t run = group != nullptr ? (a1 - a0) / cpu::kGroup : 0;
-    auto entry = [&](int64_t i, int c) { return a0 + c * run + i; };
-    for (int64_t i = 0; i < run; ++i) {
-      // The group kernel multiplies zero weights by x: a non-finite x goes channel by channel.
-      bool finite = true;
-      for (int c = 0; c < cpu::kGroup; ++c) finite &= all_finite(xa + entry(i, c) * b, b);
-      if (!finite) {
-        for (int c = 0; c < cpu::kGroup; ++c) one(entry(i, c));
-        continue;
-      }
-      cpu::ChannelGroup g;
-      for (int c = 0; c < cpu::kGroup; ++c) {
-        const int64_t j = active[entry(i, c)];
-        g.words[c] = bm + j * words;
-        g.values[c] = vbytes + offsets[j * tiles] * vsize;
-        g.x[c] = xa + entry(i, c) * b;
-      }
-      // Channels start in ascending order, so the last run's starts last: only when it is near the
-      // end of values does the group need the padded copies (checking every channel would cost
-      // 2-4 % of a call on 576-row weights).
-      if (offsets[active[entry(i, cpu::kGroup - 1)] * tiles] + reach > nnz) {
-        for (int c = 0; c < cpu::kGroup; ++c) g.values[c] = channel_values(active[entry(i, c)], c);
-      }
-      group(g, words, b, mine, ld);
+    cpu::GroupedSlice g{bm, words, values, offsets, tiles, active, xa, b, a0,
+                        grouped ? (a1 - a0) / cpu::kGroup : 0, 0};
+    // Channels start in ascending order, so a group's last channel starts last and the groups
+    // that reach the end of values come last: they go channel by channel, through the copies.
+    auto last_start = [&](int64_t i) {
+      return offsets[active[a0 + (cpu::kGroup - 1) * g.run + i] * tiles];
+    };
+    g.groups = g.run;
+    while (g.groups > 0 && last_start(g.groups - 1) + reach > nnz) --g.groups;
+    if (g.groups > 0) groups(g, mine, ld);
+    for (int64_t i = g.groups; i < g.run; ++i) {
+      for (int c = 0; c < cpu::kGroup; ++c) one(a0 + c * g.run + i);
     }
-    for (int64_t a = a0 + cpu::kGroup * run; a < a1; ++a) one(a);
+    for (int64_t a = a0 + cpu::kGroup * g.run; a < a1; ++a) one(a);
 #pragma omp barrier
     // Sum the buffers into thread 0's, then convert, over this thread's rows.
     int64_t r0, r1;
