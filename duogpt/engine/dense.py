@@ -34,10 +34,10 @@ class DenseGemvLinear(nn.Linear):
         if rows.shape[0] > MAX_TOKENS:
             return super().forward(x)
         # As in SparseLinear.forward: the dict, not `nn.Module.__getattr__`, on the hot path.
-        params = self._parameters
-        y = dense_gemv_validated(rows.contiguous(), params["weight"])
-        if params["bias"] is not None:
-            y = y + params["bias"].to(y.dtype)
+        weight, bias = self._parameters["weight"], self._parameters["bias"]
+        y = dense_gemv_validated(rows.contiguous(), weight)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
