@@ -16,12 +16,12 @@ OBS), `sparsegpt` (one stream, OBS), `wanda` (|W|·||X||, per row), `magnitude` 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
 import platform
 import time
 
 import torch
-import transformers
 from torch import nn
 
 from duogpt.calibration.data import calibration_ids, describe
@@ -154,7 +154,7 @@ class PruneReport:
             "layers": self.layers,
             "timings": self.timings,
             "versions": {"duogpt": __version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__,
+                         "transformers": importlib.metadata.version("transformers"),
                          "python": platform.python_version()},
             "format": "dense",
         }

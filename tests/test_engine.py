@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_package import run_python
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.quantizers import auto as hf_auto
@@ -225,6 +226,22 @@ def test_auto_model_loads_packed_after_import(tiny):
     _, _, _, packed = tiny
     model = AutoModelForCausalLM.from_pretrained(packed)
     assert isinstance(model.model.layers[0].mlp.down_proj, SparseLinear)
+
+
+@pytest.mark.parametrize("imports", [
+    "import duogpt; from transformers import AutoModelForCausalLM",  # the quantizer registers later
+    "import transformers, duogpt; from transformers import AutoModelForCausalLM",
+    "from transformers import AutoModelForCausalLM; import duogpt",  # it registers at once
+])
+def test_auto_model_loads_packed_whichever_is_imported_first(tiny, imports):
+    _, _, _, packed = tiny
+    result = run_python(f"""
+        {imports}
+        model = AutoModelForCausalLM.from_pretrained({str(packed)!r})
+        print(type(model.model.layers[0].mlp.down_proj).__name__)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["SparseLinear"]
 
 
 def _tampered(packed, tmp_path, edit):

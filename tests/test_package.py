@@ -41,6 +41,17 @@ def test_import_without_native_module_succeeds_and_calls_explain():
     assert "duogpt env" in result.stdout
 
 
+def test_import_leaves_transformers_unimported():
+    """`import duogpt` takes torch's import time, not transformers' seconds more: the model code
+    imports transformers when it runs, and the quantizer registers when transformers loads."""
+    result = run_python("""
+        import sys, duogpt
+        print(sorted(name for name in sys.modules if name.split(".")[0] == "transformers"))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_import_changes_no_global_torch_state():
     result = run_python("""
         import torch

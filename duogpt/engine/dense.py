@@ -9,13 +9,17 @@ projection, dense in every engine, runs with the same kernel.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
 from duogpt.engine.sparse_linear import sparse_projections
 from duogpt.ops._checks import FLOAT_DTYPES, check_tensor
 from duogpt.ops.gemv import MAX_TOKENS, dense_gemv_validated
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DENSE_KERNELS = ("torch", "duogpt")
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from duogpt.checkpoint import read_activation_sparsity, read_metadata
 from duogpt.engine.dense import set_engine_head
-from duogpt.engine.quantizer import register
 from duogpt.engine.sparse_linear import convert_for_runtime, set_activation_sparsity, sparse_projections
 from duogpt.sparsity import ActivationSparsity
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -32,8 +34,9 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     Raises:
         ValueError: not a duogpt checkpoint, or a packed folder that is incomplete or corrupted.
     """
+    from transformers import AutoModelForCausalLM  # registers the quantizer (transformers_hook.py)
+
     meta = read_metadata(path)
-    register()
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype is None else dtype)
     if meta.get("format") == "bitmap":
         if not sparse_projections(model):

@@ -1,5 +1,8 @@
 """transformers integration: `AutoModelForCausalLM.from_pretrained(PACKED)` after `import duogpt`.
 
+`register` runs as soon as transformers has executed its quantizer registry (transformers_hook.py),
+so this module imports only what that registry has already imported.
+
 transformers reads `quantization_config.quant_method == "duogpt"` from config.json and hands the
 model skeleton (on `meta`) to `DuoGPTQuantizer`, which replaces the seven projections of every
 layer by `SparseLinear` modules sized from the safetensors headers; transformers then loads the
@@ -12,13 +15,13 @@ from __future__ import annotations
 
 import torch
 from safetensors import safe_open
-from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
     register_quantization_config,
     register_quantizer,
 )
+from transformers.quantizers.base import HfQuantizer  # `transformers.quantizers` may still be importing
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from duogpt.engine.packing import QUANT_METHOD
@@ -125,7 +128,7 @@ class DuoGPTQuantizer(HfQuantizer):
 
 
 def register() -> None:
-    """Register the `duogpt` quant_method with transformers (idempotent; run by `import duogpt`)."""
+    """Register the `duogpt` quant_method with transformers (idempotent; see transformers_hook.py)."""
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(DuoGPTConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:

