@@ -236,12 +236,14 @@ def test_auto_model_loads_packed_after_import(tiny):
 def test_auto_model_loads_packed_whichever_is_imported_first(tiny, imports):
     _, _, _, packed = tiny
     result = run_python(f"""
+        import sys
         {imports}
         model = AutoModelForCausalLM.from_pretrained({str(packed)!r})
         print(type(model.model.layers[0].mlp.down_proj).__name__)
+        print(sum(type(finder).__module__.startswith("duogpt") for finder in sys.meta_path))
     """)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["SparseLinear"]
+    assert result.stdout.split() == ["SparseLinear", "0"]  # and the import hook is gone
 
 
 def _tampered(packed, tmp_path, edit):
