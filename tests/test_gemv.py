@@ -4,13 +4,11 @@ CPU instruction set this machine supports, against the pure-PyTorch reference.""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from oracles import assert_close_to_exact, assert_dropped_channels_are_never_read, exact_spmspv
+from test_package import run_python
 
 from duogpt import BitmapWeight, _native, ops
 from duogpt.ops import reference
@@ -193,9 +191,7 @@ for isa in _native.lib().supported_cpu_isas():
 def test_a_bitmap_with_more_bits_than_values_never_reads_past_them():
     """A corrupted bitmap (every bit set, far more than the values it claims) gives a wrong y but
     no read outside values, on every CPU code path (run in a child: a stray read would crash)."""
-    # From the tests folder: in the source root, `python -c` would import the uncompiled package.
-    run = subprocess.run([sys.executable, "-c", _GUARDED_SPMSPV], capture_output=True, text=True,
-                         timeout=300, cwd=Path(__file__).parent)
+    run = run_python(_GUARDED_SPMSPV)
     assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout}{run.stderr}"
     assert run.stdout.count("ok") == 3 * len(_native.lib().supported_cpu_isas())
 
