@@ -310,12 +310,13 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
     float* mine = acc + th * b * ld;
     std::fill_n(mine, b * ld, 0.0f);
     char* tail = tails + th * reach * vsize;
+    // A channel with fewer than `reach` values after its start (one of the last of the matrix)
+    // goes through a zero-padded copy: no kernel reads past the end of values.
+    auto near_end = [&](int64_t start) { return start + reach > nnz; };
     auto one = [&](int64_t a) {
       const int64_t j = active[a], start = offsets[j * tiles];
       const char* v = vbytes + start * vsize;
-      // With fewer than `reach` values after its start (the last channels of the matrix), a
-      // zero-padded copy: no kernel reads past the end of values.
-      if (start + reach > nnz) v = padded_copy(v, nnz - start, reach, vsize, tail);
+      if (near_end(start)) v = padded_copy(v, nnz - start, reach, vsize, tail);
       accumulate(bm + j * words, words, v, xa + a * b, b, mine, ld);
     };
     // Group i takes entry i of each of the kGroup equal runs of this slice. Each of the kernel's
@@ -324,20 +325,17 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
     // stream would end where the next one began, and the prefetcher would restart kGroup streams
     // per group: this order is 0.99-1.39x as fast, median 1.1x, on 576 rows or more
     // (bench/results/cpu-gemv-strided-2026-11-24.md).
-    cpu::GroupedSlice g{bm, words, values, offsets, tiles, active, xa, b, a0,
-                        grouped ? (a1 - a0) / cpu::kGroup : 0, 0};
+    const int64_t run = grouped ? (a1 - a0) / cpu::kGroup : 0;
+    cpu::GroupedSlice g{bm, words, values, offsets, tiles, active, xa, b, a0, run, run};
     // Channels start in ascending order, so a group's last channel starts last and the groups
     // that reach the end of values come last: they go channel by channel, through the copies.
-    auto last_start = [&](int64_t i) {
-      return offsets[active[a0 + (cpu::kGroup - 1) * g.run + i] * tiles];
-    };
-    g.groups = g.run;
-    while (g.groups > 0 && last_start(g.groups - 1) + reach > nnz) --g.groups;
+    auto last_start = [&](int64_t i) { return offsets[active[a0 + (cpu::kGroup - 1) * run + i] * tiles]; };
+    while (g.groups > 0 && near_end(last_start(g.groups - 1))) --g.groups;
     if (g.groups > 0) groups(g, mine, ld);
-    for (int64_t i = g.groups; i < g.run; ++i) {
-      for (int c = 0; c < cpu::kGroup; ++c) one(a0 + c * g.run + i);
+    for (int64_t i = g.groups; i < run; ++i) {
+      for (int c = 0; c < cpu::kGroup; ++c) one(a0 + c * run + i);
     }
-    for (int64_t a = a0 + cpu::kGroup * g.run; a < a1; ++a) one(a);
+    for (int64_t a = a0 + cpu::kGroup * run; a < a1; ++a) one(a);
 #pragma omp barrier
     // Sum the buffers into thread 0's, then convert, over this thread's rows.
     int64_t r0, r1;
