@@ -246,6 +246,37 @@ def test_auto_model_loads_packed_whichever_is_imported_first(tiny, imports):
     assert result.stdout.split() == ["SparseLinear", "0"]  # and the import hook is gone
 
 
+def test_registration_works_with_a_loader_that_takes_no_attributes():
+    """Frozen or compiled applications load modules with loaders that cannot be patched; the
+    registry must still load, duogpt must register, and the module keeps its own loader."""
+    result = run_python("""
+        import importlib.abc, importlib.util, sys
+
+        class Sealed:  # __slots__: no attribute can be added to an instance
+            __slots__ = ("inner",)
+            def __init__(self, inner): self.inner = inner
+            def create_module(self, spec): return self.inner.create_module(spec)
+            def exec_module(self, module): self.inner.exec_module(module)
+
+        class SealedFinder(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name != "transformers.quantizers.auto":
+                    return None
+                sys.meta_path.remove(self)
+                spec = importlib.util.find_spec(name)
+                spec.loader = Sealed(spec.loader)
+                return spec
+
+        sys.meta_path.insert(0, SealedFinder())
+        import duogpt  # its hook goes in front of SealedFinder
+        import transformers.quantizers.auto as registry
+        print("duogpt" in registry.AUTO_QUANTIZER_MAPPING, type(registry.__loader__).__name__,
+              type(registry.__spec__.loader).__name__)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "Sealed", "Sealed"]
+
+
 def _tampered(packed, tmp_path, edit):
     bad = tmp_path / "bad"
     shutil.copytree(packed, bad)

@@ -32,15 +32,27 @@ class _AfterRegistry(importlib.abc.MetaPathFinder):
         sys.meta_path.remove(self)  # first: the lookup below goes through sys.meta_path again
         spec = importlib.util.find_spec(fullname)
         if spec is not None and spec.loader is not None:
-            loader = spec.loader
-
-            def exec_then_register(module):
-                del loader.exec_module  # back to the loader's own method
-                loader.exec_module(module)
-                _register()
-
-            loader.exec_module = exec_then_register
+            spec.loader = _RegisterAfter(spec.loader)
         return spec
+
+
+class _RegisterAfter:
+    """Stands in for the registry's loader while it executes the module, then hands the module back.
+
+    A wrapper rather than a patched `exec_module` on the loader itself: loaders of some
+    environments (frozen or compiled applications) take no new attributes.
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self.loader  # leave no trace of the wrapper
+        self.loader.exec_module(module)
+        _register()
 
 
 def register_with_transformers() -> None:
