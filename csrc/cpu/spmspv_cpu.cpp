@@ -199,17 +199,66 @@ void apply_rule(float* xs, int64_t b, int64_t k, const ActivationRule& rule, uin
   }
 }
 
-bool all_finite(const float* x, int64_t count) {
-  bool finite = true;
-  for (int64_t i = 0; i < count; ++i) finite &= (x[i] - x[i]) == 0.0f;
-  return finite;
-}
-
 void check_gemv_sizes(Dtype x_dt, Dtype w_dt, int64_t b, int64_t k, int64_t n) {
   DUOGPT_CHECK(valid_dtype(int64_t(x_dt)) && valid_dtype(int64_t(w_dt)), "unknown dtype code");
   DUOGPT_CHECK(b >= 1 && b <= kMaxTokens, "b must be in [1, ", kMaxTokens, "], got ", b);
   DUOGPT_CHECK(k > 0 && n > 0, "sizes must be positive, got k=", k, " n=", n);
 }
+
+// ---- active channels ----------------------------------------------------------------------------
+
+struct ActiveChannels {
+  int64_t count;  // n_active
+  bool finite;    // every activation is finite
+};
+
+// The channels of xs [b, k] that are non-zero for at least one token into active [n_active], their
+// activations into xa [n_active, b] and the running count of their non-zeros into
+// work [n_active + 1], compacted without branches (whether a channel is active is a coin flip
+// under top-k); whether every activation is finite comes along. A function of its own, specialised
+// for the token count: written inside spmspv_cpu, whose parallel region takes the counters'
+// addresses, the loop kept them in memory and paid a token-loop setup per channel: 8-12 TSC cycles
+// a channel against 5-8 (bench/results/cpu-gemv-call-overhead-2026-11-24.md).
+template <int B>
+ActiveChannels list_active_tokens(const float* xs, int64_t k, const int32_t* offsets, int64_t tiles,
+                                  int32_t* active, float* xa, int64_t* work) {
+  int64_t n_active = 0, total = 0;
+  bool finite = true;
+  // With the ends checked by the caller, channel starts that ascend all lie in [0, nnz]. Checked
+  // here, on offsets this loop reads anyway: a loop of its own costs 3-5 % of a call on 576-wide
+  // weights.
+  bool ascending = true;
+  work[0] = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    bool any = false;
+    for (int t = 0; t < B; ++t) {
+      const float v = xs[t * k + j];
+      xa[n_active * B + t] = v;
+      any |= v != 0.0f;
+      finite &= (v - v) == 0.0f;
+    }
+    const int32_t start = offsets[j * tiles], next = offsets[(j + 1) * tiles];
+    ascending &= start <= next;
+    active[n_active] = static_cast<int32_t>(j);
+    work[n_active + 1] = total + (next - start);
+    total += (next - start) & -int64_t(any);
+    n_active += any;
+  }
+  DUOGPT_CHECK(ascending, "offsets descend between input channels: the packed weight is corrupted "
+               "(BitmapWeight.from_state_dict validates it and names the first bad entry)");
+  return {n_active, finite};
+}
+
+ActiveChannels list_active(const float* xs, int64_t b, int64_t k, const int32_t* offsets,
+                           int64_t tiles, int32_t* active, float* xa, int64_t* work) {
+  ActiveChannels found;
+  cpu::with_tokens(b, [&](auto B) {
+    found = list_active_tokens<decltype(B)::value>(xs, k, offsets, tiles, active, xa, work);
+  });
+  return found;
+}
+
+// ---- the decode GEMVs ---------------------------------------------------------------------------
 
 // `count` values (of `vsize` bytes) from v into copy, zero-padded to `reach`: a channel near the end
 // of values as far as a kernel may read it. Out of line: it runs for a few channels per call.
@@ -252,31 +301,11 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
   to_float(x, x_dt, b * k, xs);
   apply_rule(xs, b, k, rule, s.keys.get(omp_get_max_threads() * k));
 
-  // Active channels, their activations [active][b] and the running count of their non-zeros,
-  // compacted without branches (whether a channel is active is a coin flip under top-k).
   int32_t* active = s.active.get(k);
   float* xa = s.xa.get(k * b);
   int64_t* work = s.work.get(k + 1);
-  int64_t n_active = 0;
-  work[0] = 0;
-  // With the ends checked above, channel starts that ascend all lie in [0, nnz]. Checked here, on
-  // offsets this loop reads anyway: a loop of its own costs 3-5 % of a call on 576-wide weights.
-  bool ascending = true;
-  for (int64_t j = 0; j < k; ++j) {
-    bool any = false;
-    for (int64_t t = 0; t < b; ++t) {
-      const float v = xs[t * k + j];
-      xa[n_active * b + t] = v;
-      any |= v != 0.0f;
-    }
-    const int32_t start = offsets[j * tiles], next = offsets[(j + 1) * tiles];
-    ascending &= start <= next;
-    active[n_active] = static_cast<int32_t>(j);
-    work[n_active + 1] = work[n_active] + next - start;
-    n_active += any;
-  }
-  DUOGPT_CHECK(ascending, "offsets descend between input channels: the packed weight is corrupted "
-               "(BitmapWeight.from_state_dict validates it and names the first bad entry)");
+  const ActiveChannels found = list_active(xs, b, k, offsets, tiles, active, xa, work);
+  const int64_t n_active = found.count;
 
   if (n_active == 0) {
     float* zeros = s.acc.get(b * n);
@@ -290,7 +319,7 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
   const auto groups = kernels.accumulate_groups[int64_t(v_dt)];
   // The group kernel multiplies zero weights by x: with a non-finite activation (kept by every
   // rule), each channel goes alone.
-  const bool grouped = groups != nullptr && all_finite(xa, n_active * b);
+  const bool grouped = groups != nullptr && found.finite;
   const auto* bm = reinterpret_cast<const uint32_t*>(bitmap);
   const char* vbytes = static_cast<const char*>(values);
   const int64_t vsize = dtype_size(v_dt);
