@@ -199,12 +199,6 @@ void apply_rule(float* xs, int64_t b, int64_t k, const ActivationRule& rule, uin
   }
 }
 
-void check_gemv_sizes(Dtype x_dt, Dtype w_dt, int64_t b, int64_t k, int64_t n) {
-  DUOGPT_CHECK(valid_dtype(int64_t(x_dt)) && valid_dtype(int64_t(w_dt)), "unknown dtype code");
-  DUOGPT_CHECK(b >= 1 && b <= kMaxTokens, "b must be in [1, ", kMaxTokens, "], got ", b);
-  DUOGPT_CHECK(k > 0 && n > 0, "sizes must be positive, got k=", k, " n=", n);
-}
-
 // ---- active channels ----------------------------------------------------------------------------
 
 struct ActiveChannels {
@@ -258,7 +252,13 @@ ActiveChannels list_active(const float* xs, int64_t b, int64_t k, const int32_t*
   return found;
 }
 
-// ---- the decode GEMVs ---------------------------------------------------------------------------
+// ---- around the kernels -------------------------------------------------------------------------
+
+void check_gemv_sizes(Dtype x_dt, Dtype w_dt, int64_t b, int64_t k, int64_t n) {
+  DUOGPT_CHECK(valid_dtype(int64_t(x_dt)) && valid_dtype(int64_t(w_dt)), "unknown dtype code");
+  DUOGPT_CHECK(b >= 1 && b <= kMaxTokens, "b must be in [1, ", kMaxTokens, "], got ", b);
+  DUOGPT_CHECK(k > 0 && n > 0, "sizes must be positive, got k=", k, " n=", n);
+}
 
 // `count` values (of `vsize` bytes) from v into copy, zero-padded to `reach`: a channel near the end
 // of values as far as a kernel may read it. Out of line: it runs for a few channels per call.
