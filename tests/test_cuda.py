@@ -2,8 +2,9 @@
 
 Every test needs a CUDA GPU and a build with the CUDA kernels; elsewhere they are collected and
 skipped. Covered: bitmap pack/unpack (bit-exact), spmspv (odd sizes, b = 1..8, all dtypes, weight
-sparsity 0/50/90/100 %, threshold and top-k rules, NaN/Inf), dense_gemv (vector and scalar paths),
-obs_prune_block (bit-exact, mask and N:M), CUDA-graph capture and replay, determinism, opcheck.
+sparsity 0/50/90/100 %, threshold and top-k rules, NaN/Inf, a corrupted bitmap), dense_gemv (vector
+and scalar paths), obs_prune_block (bit-exact, mask and N:M), CUDA-graph capture and replay,
+determinism, opcheck.
 """
 
 from __future__ import annotations
@@ -212,6 +213,22 @@ def test_spmspv_on_a_side_stream():
         got = ops.spmspv(x.to(DEV), bw)
     torch.cuda.current_stream().wait_stream(side)
     assert same_bits(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_bitmap_with_more_bits_than_values_reads_nothing_past_them(dtype):
+    """A corrupted bitmap (every bit set, far more than the values it claims) gives a wrong y but
+    no read outside values: they are the head of a buffer whose tail is NaN, which any read past
+    them would carry into y."""
+    bw = BitmapWeight.from_dense(sparse_weight(300, 70, 0.9, dtype))
+    buffer = torch.full((bw.values.numel() + 4096,), float("nan"), dtype=dtype, device=DEV)
+    values = buffer[: bw.values.numel()]
+    values.copy_(bw.values)
+    every_bit = torch.full_like(bw.bitmap, -1).to(DEV)  # 320 bits a channel, about 30 values
+    for b in (1, 3):
+        y = torch.ops.duogpt.spmspv(torch.ones(b, 70, dtype=dtype, device=DEV), every_bit, values,
+                                    bw.offsets.to(DEV), 300)
+        assert y.isfinite().all()
 
 
 # ---- dense_gemv --------------------------------------------------------------------------------
