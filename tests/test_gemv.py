@@ -109,6 +109,17 @@ def test_a_non_finite_activation_among_many_channels_reaches_only_its_non_zero_w
     assert torch.allclose(y[finite], (x.nan_to_num(0.0, 0.0, 0.0) @ w.t())[finite], atol=1e-4)
 
 
+@pytest.mark.parametrize("b", range(1, 9))
+def test_a_non_finite_activation_in_the_last_token_is_seen_at_every_token_count(isa, b):
+    # the scan for non-finite activations is specialised per token count, like the kernels
+    w = sparse_weight(100, 64, 0.5, torch.float32)
+    x = torch.randn(b, 64)
+    x[b - 1, 37] = float("inf")
+    y = ops.spmspv(x, BitmapWeight.from_dense(w))
+    assert torch.equal(y[b - 1].isfinite(), w[:, 37] == 0)
+    assert y[: b - 1].isfinite().all()
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"topk_fraction": 1.0}, ValueError, r"\[0, 1\)"),
     ({"topk_fraction": -0.1}, ValueError, r"\[0, 1\)"),
