@@ -166,9 +166,11 @@ void accumulate_groups_tokens(const GroupedSlice& s, float* acc, int64_t ld) {
     // asked for one group ahead. Where channels follow on (every channel kept) nothing is asked.
     // Only for one token, where it was measured: with more, nearly every channel is active for
     // some token and the streams rarely jump.
-    for (int c = 0; B == 1 && c < kGroup && i + 1 < s.groups; ++c) {
-      const int32_t* next = s.active + s.first + c * s.run + i + 1;
-      if (next[0] != next[-1] + 1) prefetch_head<V>(s, next[0]);
+    if (B == 1 && i + 1 < s.groups) {
+      for (int c = 0; c < kGroup; ++c) {
+        const int32_t* next = s.active + s.first + c * s.run + i + 1;
+        if (next[0] != next[-1] + 1) prefetch_head<V>(s, next[0]);
+      }
     }
     const typename V::T* v[kGroup];
     const uint8_t* bits[kGroup];  // the bitmap read byte by byte (x86 is little-endian)
