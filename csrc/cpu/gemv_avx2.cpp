@@ -192,16 +192,18 @@ void accumulate_groups_tokens(const GroupedSlice& s, float* acc, int64_t ld) {
         }
         for (int t = 0; t < B; ++t) {
           float* at = a + t * ld + 8 * byte;
-          // A pairwise sum keeps the dependency chain through the accumulator short.
-          const __m256 s01 = _mm256_fmadd_ps(xb[1][t], w[1], _mm256_mul_ps(xb[0][t], w[0]));
-          const __m256 s23 = _mm256_fmadd_ps(xb[3][t], w[3], _mm256_mul_ps(xb[2][t], w[2]));
-          _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), _mm256_add_ps(s01, s23)));
+          // One FMA chain from the loaded accumulator: two instructions fewer per 8 rows than a
+          // pairwise sum, which pays where the loop is bound by instruction issue
+          // (bench/results/cpu-gemv-fma-chain-2026-11-24.md). Its latency is hidden: each 8 rows
+          // start a chain of their own.
+          __m256 sum = _mm256_fmadd_ps(xb[0][t], w[0], _mm256_loadu_ps(at));
+          for (int c = 1; c < kGroup; ++c) sum = _mm256_fmadd_ps(xb[c][t], w[c], sum);
+          _mm256_storeu_ps(at, sum);
         }
       }
     }
   }
 }
-static_assert(kGroup == 4, "accumulate_groups_tokens sums exactly four channels");
 
 template <typename V>
 void accumulate_groups(const GroupedSlice& s, float* acc, int64_t ld) {
