@@ -189,6 +189,11 @@ void accumulate_groups_tokens(const GroupedSlice& s, float* acc, int64_t ld) {
           const uint32_t mb = bits[c][4 * q + byte];
           w[c] = V::expand8(v[c], mb);
           v[c] += _mm_popcnt_u32(mb);
+          // Keep the advanced pointer in a register of its own. Otherwise GCC 12 folds the
+          // advance into the next load's address (old pointer + count), which keeps both alive:
+          // the bf16 kernels then spill pointers to the stack and take 1.04-1.39x as long at
+          // b = 1 and 2 (bench/results/cpu-gemv-bf16-spills-2026-11-24.md). Emits no instruction.
+          asm("" : "+r"(v[c]));
         }
         for (int t = 0; t < B; ++t) {
           float* at = a + t * ld + 8 * byte;
