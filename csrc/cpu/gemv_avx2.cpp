@@ -164,8 +164,9 @@ void accumulate_groups_tokens(const GroupedSlice& s, float* acc, int64_t ld) {
     // The hardware prefetcher then finds the new stream only after a few misses, most of a short
     // channel (576 rows at 50 % are 9 lines of fp16 values), so the head of such a channel is
     // asked for one group ahead. Where channels follow on (every channel kept) nothing is asked.
-    // Only for one token, where it was measured: with more, nearly every channel is active for
-    // some token and the streams rarely jump.
+    // Only for one token: at b = 2 the union of the tokens' channels breaks fewer streams, and
+    // asking gained a few per cent on 4096-row channels but lost on SmolLM2's 192- and 576-row
+    // ones (bench/results/cpu-gemv-nine-runs-2026-11-24.md).
     if (B == 1 && i + 1 < s.groups) {
       for (int c = 0; c < kGroup; ++c) {
         const int32_t* next = s.active + s.first + c * s.run + i + 1;
