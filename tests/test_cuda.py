@@ -231,6 +231,20 @@ def test_a_bitmap_with_more_bits_than_values_reads_nothing_past_them(dtype):
         assert y.isfinite().all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_spmspv_reads_values_at_any_alignment(dtype):
+    """values need not start on a 16-byte boundary: a view 1 or 3 elements into a NaN buffer gives
+    the same bits as the packed tensor itself, so no copy strays outside values."""
+    bw = BitmapWeight.from_dense(sparse_weight(1500, 90, 0.5, dtype)).to(DEV)
+    x = torch.randn(3, 90, dtype=dtype, device=DEV)
+    want = torch.ops.duogpt.spmspv(x, bw.bitmap, bw.values, bw.offsets, 1500)
+    for shift in (1, 3):
+        buffer = torch.full((bw.values.numel() + shift + 8,), float("nan"), dtype=dtype, device=DEV)
+        values = buffer[shift: shift + bw.values.numel()]
+        values.copy_(bw.values)
+        assert same_bits(torch.ops.duogpt.spmspv(x, bw.bitmap, values, bw.offsets, 1500), want)
+
+
 # ---- dense_gemv --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("b", [1, 2, 3, 5, 8])

@@ -2,10 +2,11 @@
 // function of the sizes, b and the SM count, so a given device and shape always sum in one order.
 //
 // Every CTA owns one (1024-row tile, channel slice) pair and writes b x 1024 fp32 partial sums
-// that the reduce kernel adds in split order. More splits put more CTAs (and more loads in
+// that the reduce kernel adds in a fixed order. More splits put more CTAs (and more copies in
 // flight) on the SMs but move more partial sums through L2, so:
-//   target  = kCtasPerSm x SMs CTAs (4 resident CTAs of 8 warps keep ~16 KB of loads in flight
-//             per SM, what ~3 TB/s needs at ~700 ns latency);
+//   target  = kCtasPerSm x SMs CTAs (4 resident CTAs, each with a stage of 8 channel spans in
+//             flight, ~32 KB per SM at 50 % fp16 density; ~3 TB/s at ~700 ns needs ~16 KB,
+//             yet an H100 reaches only ~1 TB/s: bench/results/cuda-h100-2026-11-24.md);
 //   a slice holds at least kMinSliceBase x ceil(b / 2) channels, so the partials stay a modest
 //             fraction of the weight bytes a CTA reads.
 // Worked example, H100 (132 SMs), out x in = 4096 x 11008, b = 1:

@@ -41,6 +41,15 @@ void check_sizes(int64_t b, int64_t k, int64_t n) {
 
 template <typename V, int BP>
 void launch_main_bp(const Params& p, dim3 grid, cudaStream_t stream) {
+  // Prefer shared memory to L1 (the kernel stages its values through shared memory and reads
+  // little else), so that five CTAs fit an SM. Set once per process: a preference, not a need.
+  static const bool carveout = [] {
+    DUOGPT_CUDA_CHECK(cudaFuncSetAttribute(spmspv_kernel<V, BP>,
+                                           cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           int(cudaSharedmemCarveoutMaxShared)));
+    return true;
+  }();
+  (void)carveout;
   spmspv_kernel<V, BP><<<grid, kThreads, 0, stream>>>(p);
   DUOGPT_CUDA_CHECK(cudaGetLastError());
 }
@@ -61,7 +70,7 @@ void launch_main(const Params& p, dim3 grid, cudaStream_t stream) {
 template <typename Y>
 void launch_reduce(const float* partial, int64_t splits, int64_t b, int64_t n, int64_t ld, void* y,
                    cudaStream_t stream) {
-  const auto blocks = static_cast<unsigned>(cuda::ceil_div(b * n, kReduceThreads));
+  const auto blocks = static_cast<unsigned>(cuda::ceil_div(b * n, 32));
   spmspv_reduce_kernel<Y><<<blocks, kReduceThreads, 0, stream>>>(partial, splits, b, n, ld,
                                                                  static_cast<Y*>(y));
   DUOGPT_CUDA_CHECK(cudaGetLastError());

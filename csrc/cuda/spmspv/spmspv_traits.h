@@ -8,13 +8,14 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMinCtasPerSm = 2;                 // launch bounds: <= 128 registers per thread
 constexpr int kTileWords = 32;                   // one 1024-row offset tile = 32 bitmap words
 constexpr int kWordsPerWarp = kTileWords / kWarps;  // 4 words = 128 output rows per warp
-constexpr int kChunk = 64;                       // channels classified per step of a CTA's slice
-// Active channels whose value loads a warp issues together (kWordsPerWarp loads each): 4 for
-// b <= 2 (16 loads in flight per warp), 2 for larger b, whose accumulators take the registers.
-template <int BP>
-constexpr int kChannelUnroll = BP <= 2 ? 4 : 2;
-constexpr int kSelectThreads = 1024;             // top-k threshold kernel: one CTA per token
-constexpr int kReduceThreads = 256;
+constexpr int kChunk = 128;                      // channels classified per step of a CTA's slice
+// Active channels staged in shared memory together (one warp copies each): a 1024-row span of
+// values is 2 KB at 16 bits, 4 KB at 32; two stages of 8 or 4 slots take 33 KB.
+template <typename V>
+constexpr int kStage = sizeof(V) == 4 ? 4 : 8;
+constexpr int kSelectThreads = 1024;             // top-k threshold kernel: one CTA per token,
+constexpr int kSelectPerThread = 32;             // holding up to 32 x 1024 keys in registers
+constexpr int kReduceThreads = 256;             // reduce kernel: 32 outputs x 8 split groups
 constexpr int kMaxSplits = 1024;                 // bound of the partial-sum workspace
 
 static_assert(kTileWords % kWarps == 0, "warps must split the tile's words evenly");
