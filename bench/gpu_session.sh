@@ -8,10 +8,10 @@
 #             TEST_ARGS adds options (a -k selection)
 #   sanitize  compute-sanitizer memcheck and racecheck over a few CUDA tests
 #   gemv      gemv_cuda, every shape and sparsity of issue 3 (gemv-quick: 50 % weights only)
+#   gemv-threshold  gemv_cuda --quick with the threshold rule on two shapes: the top-k select's cost
 #   obs       obs_cuda: the fused OBS block against the eager column loop
 #   solver    bench/solver.py --shapes llama2-7b --device cuda
 #   decode    duogpt bench decode random:llama2-7b --device cuda (DECODE_ARGS adds options)
-#   gemv-threshold  gemv_cuda --quick with the threshold rule on two shapes: the top-k select's cost
 # The build (one CMake tree: the Python extension, copied into duogpt/, and the benchmarks) always
 # runs first; its architecture is the GPU's own (nvidia-smi's compute capability). At the end the
 # logs and JSON go into OUTDIR/session.tar.gz (the device tool returns at most 8 files), beside

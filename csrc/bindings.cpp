@@ -92,6 +92,7 @@ PYBIND11_MODULE(_C, m) {
 #if defined(DUOGPT_WITH_CUDA)
   m.def("cuda_compiled", [] { return true; });
   m.def("cuda_archs", [] { return std::string(DUOGPT_CUDA_ARCHS); });
+  m.attr("max_obs_block") = duogpt::kMaxObsBlock;
   // CUDA kernels: device pointers and the cudaStream_t as integers; each call only enqueues work.
   m.def("bitmap_index_cuda", [](uintptr_t w, int64_t dt, int64_t n, int64_t k, uintptr_t bitmap,
                                 uintptr_t offsets, uintptr_t nnz_out, uintptr_t stream) {

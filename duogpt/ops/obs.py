@@ -8,8 +8,6 @@ from duogpt import _native
 from duogpt.ops._checks import check_same_device, check_tensor, require
 from duogpt.ops._library import define
 
-MAX_CUDA_BLOCK = 256  # kMaxObsBlock in csrc/include/duogpt/cuda_api.h
-
 
 def _check(W1, U1, P1, mask, prunen, prunem, score_coef) -> None:
     check_tensor(W1, "W1", dtypes=(torch.float32,), dim=2)
@@ -59,12 +57,12 @@ def _cpu(W1, U1, P1, mask, prunen, prunem, score_coef):
 
 def _cuda(W1, U1, P1, mask, prunen, prunem, score_coef):
     _check(W1, U1, P1, mask, prunen, prunem, score_coef)
+    C = _native.cuda_lib()
     # Checked here as well as in C++: an exception thrown from the CUDA library's host code has
     # been seen to crash the process (gcc 13.3 + nvcc 13.0 build) instead of reaching Python.
-    require(W1.shape[1] <= MAX_CUDA_BLOCK, lambda: f"obs_prune_block on CUDA handles blocks of "
-            f"at most {MAX_CUDA_BLOCK} columns, got {W1.shape[1]}; use narrower blocks (the "
+    require(W1.shape[1] <= C.max_obs_block, lambda: f"obs_prune_block on CUDA handles blocks of "
+            f"at most {C.max_obs_block} columns, got {W1.shape[1]}; use narrower blocks (the "
             f"solver's default is 128)")
-    C = _native.cuda_lib()
     Err1, Wpre1 = torch.empty_like(W1), torch.empty_like(W1)
     with torch.cuda.device(W1.device):
         C.obs_prune_block_cuda(*_args(W1, U1, P1, mask, prunen, prunem, score_coef, Err1, Wpre1),

@@ -58,27 +58,6 @@ struct Params {
   int64_t slice;             // channels per split
 };
 
-template <typename V>
-struct ValueLoad;
-template <>
-struct ValueLoad<float> {
-  static __device__ __forceinline__ float load(const void* p, int64_t i) {
-    return __ldg(static_cast<const float*>(p) + i);
-  }
-};
-template <>
-struct ValueLoad<__half> {
-  static __device__ __forceinline__ float load(const void* p, int64_t i) {
-    return __half2float(__ushort_as_half(__ldg(static_cast<const unsigned short*>(p) + i)));
-  }
-};
-template <>
-struct ValueLoad<__nv_bfloat16> {
-  static __device__ __forceinline__ float load(const void* p, int64_t i) {
-    return __uint_as_float(uint32_t(__ldg(static_cast<const unsigned short*>(p) + i)) << 16);
-  }
-};
-
 // ---- 1. per-token top-k threshold ------------------------------------------------------------
 
 __global__ void __launch_bounds__(kSelectThreads)
