@@ -6,6 +6,9 @@ with what to do about it, on the first call that needs the module.
 
 from __future__ import annotations
 
+import functools
+import re
+
 import torch
 
 try:
@@ -37,12 +40,52 @@ def cuda_compiled() -> bool:
     return _C is not None and _C.cuda_compiled()
 
 
-def cuda_lib():
-    """The native module, checked to contain the CUDA kernels."""
+def cuda_lib(device: torch.device):
+    """The native module, checked to contain CUDA kernels that run on `device` (a CUDA device)."""
     if not lib().cuda_compiled():
         raise RuntimeError(f"This duogpt build has no CUDA kernels (it was compiled without a CUDA "
                            f"compiler), so CUDA tensors cannot be processed. {_REBUILD_HINT}")
+    error = _arch_error_on(device.index if device.index is not None else torch.cuda.current_device())
+    if error is not None:
+        raise RuntimeError(error)
     return _C
+
+
+@functools.cache
+def _arch_error_on(index: int) -> str | None:
+    return arch_error(_C.cuda_archs(), torch.cuda.get_device_capability(index),
+                      torch.cuda.get_device_name(index))
+
+
+def arch_error(archs: str, capability: tuple[int, int], name: str) -> str | None:
+    """Why kernels built for `archs` (CMAKE_CUDA_ARCHITECTURES, comma-separated) cannot run on a GPU
+    of this compute capability, or None when they can. A launch would fail there with "no kernel
+    image", and a CUDA error raised inside the native module has been seen to crash the process
+    (gcc 13.3 + nvcc 13.0 build) rather than reach Python: this check keeps it out of C++.
+    `XY-real` is machine code for X.Y, which runs on X.Z with Z >= Y; `XY-virtual` is PTX, compiled
+    by the driver for any capability >= X.Y; a bare `XY` is both. Arch-specific code (`90a`) runs
+    on X.Y only, family code (`100f`) like machine code. Names CMake resolves itself (`native`,
+    `all`) are trusted."""
+    cc = capability[0] * 10 + capability[1]
+    if cc < 80:
+        return (f"{name} has compute capability {capability[0]}.{capability[1]}; duogpt's CUDA "
+                f"kernels need 8.0 or newer (they use cp.async). Run the model on the CPU instead.")
+    for arch in archs.split(","):
+        m = re.fullmatch(r"(\d+)([af]?)(?:-(real|virtual))?", arch)
+        if m is None:
+            return None
+        code = int(m[1])  # major * 10 + minor, like cc
+        if m[2] == "a":
+            runs = code == cc
+        elif m[3] == "real" or m[2] == "f":
+            runs = code // 10 == cc // 10 and code <= cc
+        else:
+            runs = code <= cc
+        if runs:
+            return None
+    return (f"This duogpt build has CUDA kernels for {archs}, none of which runs on {name} "
+            f"(compute capability {capability[0]}.{capability[1]}). Rebuild for it: "
+            f"CMAKE_ARGS=\"-DCMAKE_CUDA_ARCHITECTURES={cc}-real\" pip install .")
 
 
 def dtype_code(t: torch.Tensor) -> int:

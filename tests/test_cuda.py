@@ -417,6 +417,6 @@ def test_mixed_devices_are_rejected():
 
 
 def test_workspace_size_is_positive_and_grows_with_tokens():
-    C = _native.cuda_lib()
+    C = _native.cuda_lib(torch.device(DEV))
     one, eight = C.spmspv_cuda_workspace_bytes(1, 4096, 4096), C.spmspv_cuda_workspace_bytes(8, 4096, 4096)
     assert 0 < one < eight

@@ -231,7 +231,7 @@ def test_cpu_only_build_explains_how_to_get_cuda():
     if _native.cuda_compiled():
         pytest.skip("this build has CUDA kernels")
     with pytest.raises(RuntimeError, match="DUOGPT_CUDA=ON"):
-        _native.cuda_lib()
+        _native.cuda_lib(torch.device("cuda"))
 
 
 def test_opcheck():

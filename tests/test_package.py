@@ -1,4 +1,5 @@
-"""Import hygiene, the deferred native-module error, and `duogpt env`."""
+"""Import hygiene, the deferred native-module error, `duogpt env`, and which GPUs a CUDA build
+runs on."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 import duogpt
+from duogpt._native import arch_error
 
 # Subprocesses start outside the source tree: from its root, `python -c` and `python -m` would
 # import the uncompiled `duogpt/` folder instead of the installed package.
@@ -82,3 +85,29 @@ def test_env_command_prints_the_diagnostics():
     assert set(info) >= {"cuda_archs", "gpu", "cpu_features", "cpu_isa"}
     if not torch.cuda.is_available():
         assert info["gpu"] is None
+
+
+DEFAULT_ARCHS = "80-real,86-real,89-real,90-real,90-virtual"  # CMakeLists.txt's default
+
+
+@pytest.mark.parametrize("archs, capability", [
+    (DEFAULT_ARCHS, (8, 0)),   # A100: its own machine code
+    (DEFAULT_ARCHS, (8, 7)),   # Orin: 8.6 machine code runs on 8.7
+    (DEFAULT_ARCHS, (12, 0)),  # Blackwell: the 9.0 PTX, compiled by the driver
+    ("90", (10, 0)),           # a bare number is machine code and PTX
+    ("100f-real", (10, 3)),    # family code runs across its family
+    ("native", (9, 0)),        # resolved by CMake at build time: trusted
+])
+def test_kernels_run_where_machine_code_or_ptx_covers_the_gpu(archs, capability):
+    assert arch_error(archs, capability, "GPU") is None
+
+
+@pytest.mark.parametrize("archs, capability, fix", [
+    ("90-real", (8, 6), "CMAKE_CUDA_ARCHITECTURES=86-real"),    # machine code does not run on older GPUs
+    ("80-real", (9, 0), "CMAKE_CUDA_ARCHITECTURES=90-real"),    # nor across major versions
+    ("90a-real", (10, 0), "CMAKE_CUDA_ARCHITECTURES=100-real"),  # arch-specific code: 9.0 only
+    (DEFAULT_ARCHS, (7, 5), "8.0 or newer"),                    # T4: below what the kernels need
+])
+def test_kernels_that_cannot_run_name_the_gpu_and_the_fix(archs, capability, fix):
+    error = arch_error(archs, capability, "Some GPU")
+    assert "Some GPU" in error and fix in error

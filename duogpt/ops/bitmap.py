@@ -69,7 +69,7 @@ def _pack_cpu(w):
 
 def _pack_cuda(w):
     _check_pack(w)
-    C, code = _native.cuda_lib(), _native.dtype_code(w)
+    C, code = _native.cuda_lib(w.device), _native.dtype_code(w)
     n, k = w.shape
     with torch.cuda.device(w.device):
         s = _native.stream(w)
@@ -106,7 +106,7 @@ def _unpack_cpu(bitmap, values, offsets, out_features):
 
 def _unpack_cuda(bitmap, values, offsets, out_features):
     _check_unpack(bitmap, values, offsets, out_features)
-    C = _native.cuda_lib()
+    C = _native.cuda_lib(values.device)
     w = values.new_empty(out_features, bitmap.shape[0])
     with torch.cuda.device(values.device):
         C.bitmap_unpack_cuda(bitmap.data_ptr(), values.data_ptr(), offsets.data_ptr(),

@@ -83,7 +83,7 @@ def spmspv_validated(x, bitmap, values, offsets, out_features, threshold=None, t
 
 def _spmspv_cuda(x, bitmap, values, offsets, out_features, threshold=None, topk_fraction=None):
     _check_spmspv(x, bitmap, values, offsets, out_features, threshold, topk_fraction)
-    C = _native.cuda_lib()
+    C = _native.cuda_lib(x.device)
     y = x.new_empty(x.shape[0], out_features)
     with torch.cuda.device(x.device):
         # Partial sums per channel slice (and the top-k thresholds): a torch allocation on the
@@ -135,7 +135,7 @@ def dense_gemv_validated(x, w):
 
 def _dense_cuda(x, w):
     _check_dense(x, w)
-    C = _native.cuda_lib()
+    C = _native.cuda_lib(x.device)
     y = x.new_empty(x.shape[0], w.shape[0])
     with torch.cuda.device(x.device):
         C.dense_gemv_cuda(*_dense_args(x, w, y), _native.stream(x))
