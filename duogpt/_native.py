@@ -45,16 +45,16 @@ def cuda_lib(device: torch.device):
     if not lib().cuda_compiled():
         raise RuntimeError(f"This duogpt build has no CUDA kernels (it was compiled without a CUDA "
                            f"compiler), so CUDA tensors cannot be processed. {_REBUILD_HINT}")
-    error = _arch_error_on(device.index if device.index is not None else torch.cuda.current_device())
+    error = _arch_error_on(device)
     if error is not None:
         raise RuntimeError(error)
     return _C
 
 
 @functools.cache
-def _arch_error_on(index: int) -> str | None:
-    return arch_error(_C.cuda_archs(), torch.cuda.get_device_capability(index),
-                      torch.cuda.get_device_name(index))
+def _arch_error_on(device: torch.device) -> str | None:
+    return arch_error(_C.cuda_archs(), torch.cuda.get_device_capability(device),
+                      torch.cuda.get_device_name(device))
 
 
 def arch_error(archs: str, capability: tuple[int, int], name: str) -> str | None:
