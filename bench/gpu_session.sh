@@ -4,7 +4,8 @@
 # not stop the next: the log says what failed.
 #
 # Usage (repository root, on the GPU machine):  bash bench/gpu_session.sh OUTDIR STEP...
-#   test      pytest -m cuda (the CUDA kernels, graph capture, the CUDA-graph decode loop);
+#   test      pytest -m "cuda or cuda_build" (the CUDA kernels and their host API, graph capture,
+#             the CUDA-graph decode loop);
 #             TEST_ARGS adds options (a -k selection)
 #   sanitize  compute-sanitizer memcheck and racecheck over a few CUDA tests
 #   gemv      gemv_cuda, every shape and sparsity of issue 3 (gemv-quick: 50 % weights only)
@@ -48,7 +49,7 @@ step build 200 bash -c "
 
 for s in "$@"; do
   case $s in
-    test) step test 240 python3 -m pytest -m cuda -q -rfE --tb=short -p no:cacheprovider -n 12 tests \
+    test) step test 240 python3 -m pytest -m "cuda or cuda_build" -q -rfE --tb=short -p no:cacheprovider -n 12 tests \
             ${TEST_ARGS:-} ;;
     sanitize)
       for tool in memcheck racecheck; do

@@ -60,8 +60,7 @@ def _arch_error_on(device: torch.device) -> str | None:
 def arch_error(archs: str, capability: tuple[int, int], name: str) -> str | None:
     """Why kernels built for `archs` (CMAKE_CUDA_ARCHITECTURES, comma-separated) cannot run on a GPU
     of this compute capability, or None when they can. A launch would fail there with "no kernel
-    image", and a CUDA error raised inside the native module has been seen to crash the process
-    (gcc 13.3 + nvcc 13.0 build) rather than reach Python: this check keeps it out of C++.
+    image"; this message names the GPU and the rebuild instead.
     `XY-real` is machine code for X.Y, which runs on X.Z with Z >= Y; `XY-virtual` is PTX, compiled
     by the driver for any capability >= X.Y; a bare `XY` is both. Arch-specific code (`90a`) runs
     on X.Y only, family code (`100f`) like machine code. Names CMake resolves itself (`native`,

@@ -10,10 +10,24 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "common.cuh"  // DUOGPT_CUDA_CHECK, from the duogpt_cuda library's include path
+#include "common.cuh"  // from the duogpt_cuda library's include path
+#include "duogpt/check.h"
+
+// BENCH_CUDA_CHECK(expr): throw std::runtime_error("file:line: CUDA error ...") unless expr
+// returns cudaSuccess.
+#define BENCH_CUDA_CHECK(expr)                                                              \
+  do {                                                                                      \
+    const cudaError_t bench_err_ = (expr);                                                  \
+    if (bench_err_ != cudaSuccess) {                                                        \
+      throw std::runtime_error(::duogpt::detail::concat(__FILE__, __LINE__, "CUDA error ",  \
+                                                        cudaGetErrorName(bench_err_), " (", \
+                                                        cudaGetErrorString(bench_err_), ") in ", #expr)); \
+    }                                                                                       \
+  } while (0)
 
 namespace duogpt::bench {
 
@@ -27,17 +41,17 @@ class DeviceBuffer {
   void resize(size_t count) {
     release();
     count_ = count;
-    if (count > 0) DUOGPT_CUDA_CHECK(cudaMalloc(&ptr_, count * sizeof(T)));
+    if (count > 0) BENCH_CUDA_CHECK(cudaMalloc(&ptr_, count * sizeof(T)));
   }
   T* get() const { return ptr_; }
   size_t size() const { return count_; }
   size_t bytes() const { return count_ * sizeof(T); }
   void upload(const std::vector<T>& h) {
-    DUOGPT_CUDA_CHECK(cudaMemcpy(ptr_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    BENCH_CUDA_CHECK(cudaMemcpy(ptr_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
   }
   std::vector<T> download() const {
     std::vector<T> h(count_);
-    if (count_ > 0) DUOGPT_CUDA_CHECK(cudaMemcpy(h.data(), ptr_, bytes(), cudaMemcpyDeviceToHost));
+    if (count_ > 0) BENCH_CUDA_CHECK(cudaMemcpy(h.data(), ptr_, bytes(), cudaMemcpyDeviceToHost));
     return h;
   }
 
@@ -89,13 +103,13 @@ class Timer {
  public:
   Timer(cudaStream_t stream, int reps, int warmup) : stream_(stream), reps_(reps), warmup_(warmup) {
     int device = 0, l2 = 0;
-    DUOGPT_CUDA_CHECK(cudaGetDevice(&device));
-    DUOGPT_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+    BENCH_CUDA_CHECK(cudaGetDevice(&device));
+    BENCH_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
     flush_.resize(std::max<size_t>(size_t(4) * size_t(l2), size_t(64) << 20) / sizeof(int4));
-    DUOGPT_CUDA_CHECK(cudaMemset(flush_.get(), 1, flush_.bytes()));
+    BENCH_CUDA_CHECK(cudaMemset(flush_.get(), 1, flush_.bytes()));
     sink_.resize(1);
     events_.resize(2 * size_t(reps));
-    for (auto& e : events_) DUOGPT_CUDA_CHECK(cudaEventCreate(&e));
+    for (auto& e : events_) BENCH_CUDA_CHECK(cudaEventCreate(&e));
   }
   ~Timer() {
     for (auto& e : events_) cudaEventDestroy(e);
@@ -105,7 +119,7 @@ class Timer {
 
   void flush() {
     l2_flush_kernel<<<1024, 256, 0, stream_>>>(flush_.get(), flush_.size(), sink_.get());
-    DUOGPT_CUDA_CHECK(cudaGetLastError());
+    BENCH_CUDA_CHECK(cudaGetLastError());
   }
 
   template <typename F>
@@ -124,16 +138,16 @@ class Timer {
     for (int r = 0; r < reps_; ++r) {
       before();
       if (flush_l2) flush();
-      DUOGPT_CUDA_CHECK(cudaEventRecord(events_[2 * r], stream_));
+      BENCH_CUDA_CHECK(cudaEventRecord(events_[2 * r], stream_));
       launch();
-      DUOGPT_CUDA_CHECK(cudaEventRecord(events_[2 * r + 1], stream_));
+      BENCH_CUDA_CHECK(cudaEventRecord(events_[2 * r + 1], stream_));
     }
-    DUOGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    BENCH_CUDA_CHECK(cudaStreamSynchronize(stream_));
     Timing t;
     t.min_us = 1e30;
     for (int r = 0; r < reps_; ++r) {
       float ms = 0;
-      DUOGPT_CUDA_CHECK(cudaEventElapsedTime(&ms, events_[2 * r], events_[2 * r + 1]));
+      BENCH_CUDA_CHECK(cudaEventElapsedTime(&ms, events_[2 * r], events_[2 * r + 1]));
       t.min_us = std::min(t.min_us, 1e3 * ms);
       t.mean_us += 1e3 * ms / reps_;
     }
@@ -153,11 +167,11 @@ template <typename F>
 cudaGraphExec_t capture_graph(cudaStream_t stream, F&& launch) {
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
-  DUOGPT_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  BENCH_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
   launch();
-  DUOGPT_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-  DUOGPT_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  DUOGPT_CUDA_CHECK(cudaGraphDestroy(graph));
+  BENCH_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  BENCH_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  BENCH_CUDA_CHECK(cudaGraphDestroy(graph));
   return exec;
 }
 
@@ -172,18 +186,18 @@ struct DeviceSheet {
 inline DeviceSheet device_sheet(cudaStream_t stream) {
   DeviceSheet d;
   int device = 0;
-  DUOGPT_CUDA_CHECK(cudaGetDevice(&device));
+  BENCH_CUDA_CHECK(cudaGetDevice(&device));
   cudaDeviceProp prop{};
-  DUOGPT_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  BENCH_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   d.name = prop.name;
   d.sms = prop.multiProcessorCount;
   d.l2_bytes = prop.l2CacheSize;
   const size_t bytes = size_t(512) << 20;
   DeviceBuffer<char> src(bytes), dst(bytes);
-  DUOGPT_CUDA_CHECK(cudaMemset(src.get(), 1, bytes));
+  BENCH_CUDA_CHECK(cudaMemset(src.get(), 1, bytes));
   Timer timer(stream, 20, 3);
   const Timing t = timer.run([&] {
-    DUOGPT_CUDA_CHECK(cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, stream));
+    BENCH_CUDA_CHECK(cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, stream));
   }, false);
   d.copy_gbps = 2.0 * double(bytes) / (t.min_us * 1e3);
   return d;

@@ -126,7 +126,7 @@ std::vector<float> halves_to_float(const std::vector<uint16_t>& h) {
 class GemvBench {
  public:
   explicit GemvBench(const Options& opt) : opt_(opt) {
-    DUOGPT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     BENCH_CUBLAS_CHECK(cublasCreate(&cublas_));
     BENCH_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
     timer_ = std::make_unique<Timer>(stream_, opt.reps, std::max(10, opt.reps / 20));
@@ -172,7 +172,7 @@ class GemvBench {
     DeviceBuffer<int64_t> d_nnz(1);
     bitmap_index_cuda(d_w.get(), Dtype::kFloat16, n, k, d_bitmap.get(), d_offsets.get(), d_nnz.get(),
                       stream_);
-    DUOGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    BENCH_CUDA_CHECK(cudaStreamSynchronize(stream_));
     const int64_t nnz = d_nnz.download()[0];
     DeviceBuffer<uint16_t> d_values(static_cast<size_t>(nnz));
     bitmap_fill_cuda(d_w.get(), Dtype::kFloat16, n, k, d_offsets.get(), nnz, d_values.get(), stream_);
@@ -180,7 +180,7 @@ class GemvBench {
     const int64_t nnz_cpu = bitmap_index_cpu(w.data(), Dtype::kFloat16, n, k, bitmap.data(), offsets.data());
     std::vector<uint16_t> values(static_cast<size_t>(nnz_cpu));
     bitmap_fill_cpu(w.data(), Dtype::kFloat16, n, k, offsets.data(), values.data());
-    DUOGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    BENCH_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (nnz != nnz_cpu || d_bitmap.download() != bitmap || d_offsets.download() != offsets ||
         d_values.download() != values) {
       throw std::runtime_error("GPU packing differs from CPU packing for " + std::to_string(n) + "x" +
@@ -226,12 +226,12 @@ class GemvBench {
     std::vector<float> want(size_t(b) * n);
     dense_gemv_cpu(xf.data(), Dtype::kFloat32, b, k, w.data(), Dtype::kFloat16, n, want.data());
     gemm();
-    DUOGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    BENCH_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (!close_enough(halves_to_float(d_y.download()), want, "cuBLAS")) {
       throw std::runtime_error("cuBLAS validation failed");
     }
     ours();
-    DUOGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    BENCH_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (!close_enough(halves_to_float(d_y.download()), want, "dense_gemv_cuda")) {
       throw std::runtime_error("dense_gemv_cuda validation failed");
     }
@@ -279,14 +279,14 @@ class GemvBench {
     spmspv_cpu(xf.data(), Dtype::kFloat32, b, k, bitmap.data(), values.data(), offsets.data(),
                Dtype::kFloat16, n, nnz, rule_host, want.data());
     launch();
-    DUOGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    BENCH_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (!close_enough(halves_to_float(d_y.download()), want, "spmspv_cuda")) {
       throw std::runtime_error("spmspv_cuda validation failed");
     }
     row.sp_stream = timer_->run(launch);
     cudaGraphExec_t graph = capture_graph(stream_, launch);
-    row.sp_graph = timer_->run([&] { DUOGPT_CUDA_CHECK(cudaGraphLaunch(graph, stream_)); });
-    DUOGPT_CUDA_CHECK(cudaGraphExecDestroy(graph));
+    row.sp_graph = timer_->run([&] { BENCH_CUDA_CHECK(cudaGraphLaunch(graph, stream_)); });
+    BENCH_CUDA_CHECK(cudaGraphExecDestroy(graph));
   }
 
   void print_row(const Row& r) {
@@ -383,9 +383,9 @@ int main(int argc, char** argv) {
   try {
     const Options opt = parse(argc, argv);
     cudaStream_t s = nullptr;
-    DUOGPT_CUDA_CHECK(cudaStreamCreate(&s));
+    BENCH_CUDA_CHECK(cudaStreamCreate(&s));
     const DeviceSheet dev = device_sheet(s);
-    DUOGPT_CUDA_CHECK(cudaStreamDestroy(s));
+    BENCH_CUDA_CHECK(cudaStreamDestroy(s));
     std::printf("device: %s, %d SMs, L2 %.1f MB, device-to-device copy %.0f GB/s (read + write)\n",
                 dev.name.c_str(), dev.sms, dev.l2_bytes / 1e6, dev.copy_gbps);
     std::printf("rule: %s, reps: %d, values fp16, activations fp16, L2 flushed before every rep\n",

@@ -121,7 +121,7 @@ class ObsBench {
     const BlockPruneRule rule_d = c.nm ? BlockPruneRule{nullptr, 2, 4, d_coef.get()}
                                        : BlockPruneRule{d_mask.get(), 0, 0, nullptr};
     auto restore = [&] {
-      DUOGPT_CUDA_CHECK(cudaMemcpyAsync(d_W.get(), d_W0.get(), nb * sizeof(float),
+      BENCH_CUDA_CHECK(cudaMemcpyAsync(d_W.get(), d_W0.get(), nb * sizeof(float),
                                         cudaMemcpyDeviceToDevice, stream_));
     };
     auto fused = [&] {
@@ -133,30 +133,30 @@ class ObsBench {
         if (c.nm && i % 4 == 0) {
           eager_nm_kernel<<<rows, kEagerThreads, 0, stream_>>>(d_W.get(), n, B, i, 2, 4, d_coef.get(),
                                                                 d_nm.get());
-          DUOGPT_CUDA_CHECK(cudaGetLastError());
+          BENCH_CUDA_CHECK(cudaGetLastError());
         }
         eager_decide_kernel<<<rows, kEagerThreads, 0, stream_>>>(
             d_W.get(), n, B, i, d_U.get(), c.nm ? d_nm.get() : d_mask.get(), c.nm ? 4 : B,
             c.nm ? i % 4 : i, d_E.get(), d_Pre.get());
-        DUOGPT_CUDA_CHECK(cudaGetLastError());
+        BENCH_CUDA_CHECK(cudaGetLastError());
         const auto upd = static_cast<unsigned>(
             std::max<int64_t>(1, cuda::ceil_div(n * (B - i - 1), kEagerThreads)));
         eager_update_kernel<<<upd, kEagerThreads, 0, stream_>>>(d_W.get(), n, B, i, d_U.get(), P1,
                                                                  d_E.get(), d_Pre.get());
-        DUOGPT_CUDA_CHECK(cudaGetLastError());
+        BENCH_CUDA_CHECK(cudaGetLastError());
       }
     };
     check(restore, fused, want_W, want_E, want_P, d_W, d_E, d_Pre, "fused");
     check(restore, eager, want_W, want_E, want_P, d_W, d_E, d_Pre, "eager");
     cudaGraphExec_t graph = capture_graph(stream_, eager);
-    auto eager_graph = [&] { DUOGPT_CUDA_CHECK(cudaGraphLaunch(graph, stream_)); };
+    auto eager_graph = [&] { BENCH_CUDA_CHECK(cudaGraphLaunch(graph, stream_)); };
     check(restore, eager_graph, want_W, want_E, want_P, d_W, d_E, d_Pre, "eager graph");
 
     Result res{c, {}, {}, {}};
     res.fused = time_restored(restore, fused);
     res.eager = time_restored(restore, eager);
     res.eager_graph = time_restored(restore, eager_graph);
-    DUOGPT_CUDA_CHECK(cudaGraphExecDestroy(graph));
+    BENCH_CUDA_CHECK(cudaGraphExecDestroy(graph));
     return res;
   }
 
@@ -167,7 +167,7 @@ class ObsBench {
              const DeviceBuffer<float>& d_Pre, const char* what) {
     restore();
     launch();
-    DUOGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    BENCH_CUDA_CHECK(cudaStreamSynchronize(stream_));
     const bool ok = std::memcmp(d_W.download().data(), W.data(), W.size() * 4) == 0 &&
                     std::memcmp(d_E.download().data(), E.data(), E.size() * 4) == 0 &&
                     std::memcmp(d_Pre.download().data(), Pre.data(), Pre.size() * 4) == 0;
@@ -209,7 +209,7 @@ int main(int argc, char** argv) {
     }
     if (reps < 1) throw std::invalid_argument("--reps must be positive");
     cudaStream_t stream = nullptr;
-    DUOGPT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     const DeviceSheet dev = device_sheet(stream);
     std::printf("device: %s, %d SMs; reps %d (eager: 2 launches per column + 1 per N:M group)\n",
                 dev.name.c_str(), dev.sms, reps);
@@ -249,7 +249,7 @@ int main(int argc, char** argv) {
     }
     os << "  ]\n}\n";
     std::printf("wrote %s\n", json.c_str());
-    DUOGPT_CUDA_CHECK(cudaStreamDestroy(stream));
+    BENCH_CUDA_CHECK(cudaStreamDestroy(stream));
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "obs_cuda: %s\n", e.what());

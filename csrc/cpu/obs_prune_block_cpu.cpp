@@ -30,20 +30,24 @@ uint64_t nm_prune_bits(const float* s, int64_t M, int64_t N) {
 
 }  // namespace
 
+void check_obs_block(int64_t n, int64_t B, const BlockPruneRule& rule) {
+  DUOGPT_CHECK(n > 0 && B > 0, "block must have positive sizes, got ", n, " x ", B);
+  if (rule.mask == nullptr) {
+    DUOGPT_CHECK(rule.prunen > 0 && rule.prunen < rule.prunem && rule.prunem <= kMaxPruneM &&
+                     B % rule.prunem == 0 && rule.score_coef != nullptr,
+                 "N:M pruning needs 0 < N < M <= ", kMaxPruneM, ", M dividing the block width ",
+                 B, " and score_coef; got ", rule.prunen, ":", rule.prunem);
+  }
+}
+
 void obs_prune_block_cpu(float* W1, int64_t n, int64_t B, const float* U1, const float* P1,
                          BlockPruneRule rule, float* Err1, float* Wpre1) {
-  DUOGPT_CHECK(n > 0 && B > 0, "block must have positive sizes, got ", n, " x ", B);
+  check_obs_block(n, B, rule);
   const bool nm = rule.mask == nullptr;
-  if (nm) {
-    DUOGPT_CHECK(rule.prunen > 0 && rule.prunen < rule.prunem && rule.prunem <= 64 &&
-                     B % rule.prunem == 0 && rule.score_coef != nullptr,
-                 "N:M pruning needs 0 < N < M <= 64, M dividing the block width ", B,
-                 " and score_coef; got ", rule.prunen, ":", rule.prunem);
-  }
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < n; ++r) {
     float* w = W1 + r * B;
-    float scores[64];
+    float scores[kMaxPruneM];
     uint64_t nm_bits = 0;
     for (int64_t i = 0; i < B; ++i) {
       if (nm && i % rule.prunem == 0) {

@@ -1,6 +1,6 @@
-// Shared by every CUDA kernel family: the error macro, element conversions between the storage
-// dtypes and float32, warp scans, and small host helpers. Nothing here allocates, synchronizes,
-// prints or exits; failures become C++ exceptions (pybind11 turns them into Python exceptions).
+// Shared by every CUDA kernel family: element conversions between the storage dtypes and float32,
+// warp scans, and small host helpers of the launchers. Nothing here allocates, synchronizes,
+// prints, exits or throws (launch.h says why nothing compiled by nvcc throws).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,22 +9,8 @@
 
 #include <cmath>
 #include <cstdint>
-#include <stdexcept>
 
-#include "duogpt/check.h"
 #include "duogpt/types.h"
-
-// DUOGPT_CUDA_CHECK(expr): throw std::runtime_error("file:line: CUDA error ...") unless expr
-// returns cudaSuccess. Used after every launch as DUOGPT_CUDA_CHECK(cudaGetLastError()).
-#define DUOGPT_CUDA_CHECK(expr)                                                             \
-  do {                                                                                      \
-    const cudaError_t duogpt_err_ = (expr);                                                 \
-    if (duogpt_err_ != cudaSuccess) {                                                       \
-      throw std::runtime_error(::duogpt::detail::concat(                                    \
-          __FILE__, __LINE__, "CUDA error ", cudaGetErrorName(duogpt_err_), " (",           \
-          cudaGetErrorString(duogpt_err_), ") in ", #expr));                                \
-    }                                                                                       \
-  } while (0)
 
 namespace duogpt::cuda {
 
@@ -32,18 +18,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---- host helpers --------------------------------------------------------------------------
 
-inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
-
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-/// Number of SMs of the current device (a cheap attribute query: no synchronization, legal while
-/// a stream is being captured).
-inline int sm_count() {
-  int device = 0, sms = 0;
-  DUOGPT_CUDA_CHECK(cudaGetDevice(&device));
-  DUOGPT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms > 0 ? sms : 1;
-}
 
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 

@@ -58,8 +58,7 @@ def _cpu(W1, U1, P1, mask, prunen, prunem, score_coef):
 def _cuda(W1, U1, P1, mask, prunen, prunem, score_coef):
     _check(W1, U1, P1, mask, prunen, prunem, score_coef)
     C = _native.cuda_lib(W1.device)
-    # Checked here as well as in C++: an exception thrown from the CUDA library's host code has
-    # been seen to crash the process (gcc 13.3 + nvcc 13.0 build) instead of reaching Python.
+    # Checked here as well as in C++, for a message that names the fix.
     require(W1.shape[1] <= C.max_obs_block, lambda: f"obs_prune_block on CUDA handles blocks of "
             f"at most {C.max_obs_block} columns, got {W1.shape[1]}; use narrower blocks (the "
             f"solver's default is 128)")

@@ -23,12 +23,13 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "duogpt/obs.h"
 
 namespace duogpt::cuda::obs {
 
 constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = kThreads / 32;
-constexpr int kMaxM = 64;
+constexpr int kMaxM = int(kMaxPruneM);  // N:M groups: the score buffer row per warp
 
 struct Params {
   float* W1;               // [n, B]

@@ -1,8 +1,8 @@
 /// The CUDA kernels' C API: the CPU API (bitmap.h, spmspv.h, obs.h) with device pointers and a
 /// trailing `void* stream` (a cudaStream_t). Every function only enqueues work on that stream:
 /// no allocation, no host synchronization, so all of them can be captured in a CUDA graph.
-/// Sizes are validated on the host (DUOGPT_CHECK -> ArgumentError); CUDA failures throw
-/// std::runtime_error. The kernels bound-check every global load, so a corrupted packed matrix
+/// Sizes are validated on the host (DUOGPT_CHECK -> ArgumentError) before any CUDA call; CUDA
+/// failures throw std::runtime_error (both from csrc/cuda/cuda_api.cpp, see csrc/cuda/launch.h). The kernels bound-check every global load, so a corrupted packed matrix
 /// gives wrong numbers, never an out-of-bounds access.
 #pragma once
 

@@ -5,6 +5,8 @@
 
 namespace duogpt {
 
+constexpr int64_t kMaxPruneM = 64;  // N:M groups: M <= 64, one 64-bit word of decisions
+
 /// Which weights a block prunes: a mask chosen before the loop, or an N:M rule applied inside
 /// the loop on the updated weights (score = W1^2 * score_coef, the N smallest of every M).
 struct BlockPruneRule {
@@ -12,6 +14,9 @@ struct BlockPruneRule {
   int64_t prunen = 0, prunem = 0;        // N:M when mask is nullptr
   const float* score_coef = nullptr;     // [B] per-column score factor, N:M only
 };
+
+/// @brief Throw ArgumentError unless an n x B block and `rule` are valid (CPU and CUDA kernels).
+void check_obs_block(int64_t n, int64_t B, const BlockPruneRule& rule);
 
 /// @brief Prune one block in place. For each column i, with w = W1[:, i] before its decision:
 ///   q = w with pruned entries zeroed; e = (w - q) / U1[i, i];
