@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 _DTYPES = ("float32", "float16", "bfloat16")  # the --dtype choices
 
@@ -250,6 +252,7 @@ def _run_eval(args) -> int:
     from duogpt.eval.evaluate import evaluate
     from duogpt.eval.harness import ZERO_SHOT
 
+    json_out = _json_target(args.json)
     tasks = [t for t in args.tasks.split(",") if t]
     if tasks == ["zeroshot"]:
         tasks = list(ZERO_SHOT)
@@ -272,10 +275,8 @@ def _run_eval(args) -> int:
     for task, values in metrics.get("tasks", {}).items():
         print(f"  {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()
                                          if isinstance(v, float)))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2, default=str)
-            f.write("\n")
+    if json_out:
+        _write_json(json_out, report)
     return 0
 
 
@@ -304,6 +305,7 @@ def _run_bench(args) -> int:
     from duogpt.engine.bench import bench_decode, markdown
     from duogpt.env import environment
 
+    json_out = _json_target(args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     report = bench_decode(args.model, device=args.device,
@@ -316,11 +318,31 @@ def _run_bench(args) -> int:
           f"{s['dtype']}, {s['threads']} threads, compile={s['compile']}, prompt {s['prompt_len']}, "
           f"{s['new_tokens']} new tokens\n")
     print(markdown(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+    if json_out:
+        _write_json(json_out, report)
     return 0
+
+
+# --- reports ---------------------------------------------------------------------------------
+
+def _json_target(path: str | None) -> Path | None:
+    """`--json PATH`, checked before the run so that a bad path does not cost the run's results."""
+    if path is None:
+        return None
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"--json {path} is a folder; give a file path such as {target / 'report.json'}")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"--json {path}: the folder {target.parent} does not exist; create it "
+                                f"first or choose another path")
+    return target
+
+
+def _write_json(target: Path, report: dict) -> None:
+    """The report as JSON, through a temporary file beside it: a failed write leaves no partial file."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    os.replace(tmp, target)
 
 
 COMMANDS = {"env": (_add_env, _run_env), "prune": (_add_prune, _run_prune),

@@ -53,6 +53,7 @@ def checkpoints(tmp_path_factory):
 def _eval(tmp_path, *argv) -> dict:
     out = tmp_path / "eval.json"
     assert cli.main(["eval", *map(str, argv), "--json", str(out)]) == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # renamed into place
     return json.loads(out.read_text())
 
 
@@ -69,6 +70,21 @@ def test_eval_json_fields(checkpoints, tmp_path, capsys):
     assert report["checkpoint"]["method"] == "magnitude" and report["checkpoint"]["format"] == "bitmap"
     assert {"version", "torch"} <= report["versions"].keys()
     assert "perplexity" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["eval"], ["bench", "decode"]])
+def test_a_bad_json_path_fails_before_the_run(command, tmp_path, capsys):
+    model = tmp_path / "no-such-model"  # loading it would fail too, with another message
+    assert cli.main([*command, str(model), "--json", str(tmp_path / "missing" / "r.json")]) == 2
+    assert f"the folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    assert cli.main([*command, str(model), "--json", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_eval_of_a_folder_without_a_model_says_what_to_give(tmp_path, capsys):
+    assert cli.main(["eval", str(tmp_path), "--ppl", "none"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot load model '{tmp_path}'" in err and "Give a local Hugging Face folder" in err
 
 
 def test_eval_dense_and_packed_agree_and_override(checkpoints, tmp_path):

@@ -88,7 +88,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a folder without a model's config.json
         raise ValueError(f"cannot load model {name_or_path!r}: {err}. Give a local Hugging Face "
                          f"folder, a reachable hub id, or {DEFAULT_MODEL!r}.") from None
     return model.to(device).eval(), tokenizer
