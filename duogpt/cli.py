@@ -76,13 +76,12 @@ def _add_prune(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
 
 
-def _prune_ppl_text(args, tokenizer):
-    """The `PerplexityText` of `duogpt prune --ppl`, or None: `--ppl none`, or no `--ppl` and no
-    local WikiText-2 (logged)."""
+def _prune_ppl_source(args) -> str | None:
+    """What `duogpt prune --ppl` scores, checked before the model loads; None: `--ppl none`, or no
+    `--ppl` and no local WikiText-2 (logged)."""
     import logging
 
-    from duogpt.eval.data import WIKITEXT2, wikitext2_path
-    from duogpt.eval.evaluate import PerplexityText
+    from duogpt.eval.data import WIKITEXT2, eval_text, wikitext2_path
 
     dataset = args.ppl
     if dataset is None:
@@ -96,7 +95,8 @@ def _prune_ppl_text(args, tokenizer):
         return None
     if dataset == "self":
         raise ValueError("--ppl self is a `duogpt eval` option; prune takes wikitext2, a text file or none")
-    return PerplexityText.load(dataset, tokenizer, args.ppl_seqlen, args.ppl_windows)
+    eval_text(dataset)  # raises for a missing file now rather than after the model has loaded
+    return dataset
 
 
 def _run_prune(args) -> int:
@@ -108,8 +108,9 @@ def _run_prune(args) -> int:
     import transformers
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from duogpt.calibration.data import check_source
     from duogpt.checkpoint import save_pruned
-    from duogpt.eval.evaluate import activation_rule
+    from duogpt.eval.evaluate import PerplexityText, activation_rule
     from duogpt.models import load_model
     from duogpt.prune import PruneConfig, prune
 
@@ -134,11 +135,14 @@ def _run_prune(args) -> int:
                          **({"device": args.device} if args.device else {}))
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    check_source(args.calib)
+    ppl_source = _prune_ppl_source(args)
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()
     with logging_redirect_tqdm():
         model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-        text = _prune_ppl_text(args, tokenizer)
+        text = None if ppl_source is None else PerplexityText.load(ppl_source, tokenizer,
+                                                                   args.ppl_seqlen, args.ppl_windows)
         if text is not None:
             dense = text.score(model)
             print(f"perplexity before pruning (dense, {text.dataset}, {text.windows} x {text.seqlen} "

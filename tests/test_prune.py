@@ -234,6 +234,19 @@ def test_missing_datasets_package_lists_the_alternatives(tiny, tmp_path, capsys,
     assert "datasets" in err and "self" in err and "text file" in err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--calib", "missing.txt"], "--calib 'missing.txt' is neither a file, a folder"),
+    (["--calib", "empty-folder"], "has no .txt files"),
+    (["--calib", "self", "--ppl", "missing.txt"], "--ppl 'missing.txt' is neither"),
+])
+def test_missing_text_fails_before_the_model_loads(flags, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty-folder").mkdir()
+    # The model does not exist either: a check after loading would report that instead.
+    assert main(["prune", "--model", str(tmp_path / "no-model"), "--out", "x", *flags, "-q"]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_unsupported_architecture_names_what_is_missing():
     from transformers import GPT2Config, GPT2LMHeadModel
 

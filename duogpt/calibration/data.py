@@ -51,20 +51,33 @@ def calibration_ids(source: str, tokenizer, *, nsamples: int, seqlen: int, seed:
         dataset = _load_dataset("wikitext2", "wikitext", "wikitext-2-raw-v1", split="train")
         return random_windows(_tokenize(tokenizer, "\n\n".join(dataset["text"])), nsamples, seqlen,
                               generator, source)
+    check_source(source)
+    return random_windows(_tokenize(tokenizer, read_text(Path(source))), nsamples, seqlen,
+                          generator, source)
+
+
+def check_source(source: str) -> None:
+    """Raise ValueError, listing the alternatives, unless `source` is a named source, a file or a
+    folder holding `.txt` files: callers check before loading a model that takes minutes."""
+    if source in HUB_SOURCES or source == "self":
+        return
     path = Path(source)
     if not path.exists():
         raise ValueError(f"--calib {source!r} is neither a file, a folder, nor one of "
                          f"{', '.join(HUB_SOURCES + ('self',))}; use {_ALTERNATIVES}")
-    return random_windows(_tokenize(tokenizer, read_text(path)), nsamples, seqlen, generator,
-                          source)
+    _text_files(path)
+
+
+def _text_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"{path} has no .txt files; use {_ALTERNATIVES}")
+    return files
 
 
 def read_text(path: Path) -> str:
     """A text file, or every `.txt` file of a folder (sorted, joined by blank lines); CRLF -> LF."""
-    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
-    if not files:
-        raise ValueError(f"{path} has no .txt files; use {_ALTERNATIVES}")
-    return "\n\n".join(f.read_text(encoding="utf-8").replace("\r\n", "\n") for f in files)
+    return "\n\n".join(f.read_text(encoding="utf-8").replace("\r\n", "\n") for f in _text_files(path))
 
 
 def _tokenize(tokenizer, text: str) -> torch.Tensor:
