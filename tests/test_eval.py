@@ -81,6 +81,11 @@ def test_a_bad_json_path_fails_before_the_run(command, tmp_path, capsys):
     assert "is a folder" in capsys.readouterr().err
 
 
+def test_a_missing_perplexity_text_fails_before_the_model_loads(tmp_path, capsys):
+    assert cli.main(["eval", str(tmp_path / "no-such-model"), "--ppl", str(tmp_path / "x.txt")]) == 2
+    assert "is neither one of" in capsys.readouterr().err
+
+
 def test_eval_of_a_folder_without_a_model_says_what_to_give(tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path), "--ppl", "none"]) == 2
     err = capsys.readouterr().err

@@ -102,6 +102,8 @@ def evaluate(model_ref: str, *, ppl: str | None = "wikitext2", seqlen: int = 204
     """
     from duogpt.env import environment  # imports duogpt's version: deferred past package init
 
+    if ppl not in (None, "self"):
+        eval_text(ppl)  # raises for a missing file now rather than after the model has loaded
     is_checkpoint = (Path(model_ref) / METADATA_FILE).is_file()
     override = None if activation_sparsity is None else ActivationSparsity(activation_sparsity)
     if is_checkpoint:
