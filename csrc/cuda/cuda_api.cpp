@@ -14,6 +14,8 @@
 namespace duogpt {
 namespace {
 
+// CUDA's grid limits. Sizes up to kMaxGridX keep every launch's grid in range, whatever rows or
+// channels a block of that kernel covers.
 constexpr int64_t kMaxGridX = 0x7fffffff;
 constexpr int64_t kMaxGridY = 65535;
 
