@@ -28,6 +28,14 @@ THRESHOLDS_FILE = "duogpt_thresholds.safetensors"
 FORMAT_VERSION = 1
 
 
+def replace_atomically(path: str | os.PathLike, write) -> None:
+    """`write(tmp)` a file beside `path`, then rename it over `path`: no reader sees a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `out_dir`; on success it replaces `out_dir`.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -81,7 +80,7 @@ def _prune_ppl_source(args) -> str | None:
     `--ppl` and no local WikiText-2 (logged)."""
     import logging
 
-    from duogpt.eval.data import WIKITEXT2, eval_text, wikitext2_path
+    from duogpt.eval.data import WIKITEXT2, eval_text_file, wikitext2_path
 
     dataset = args.ppl
     if dataset is None:
@@ -95,7 +94,7 @@ def _prune_ppl_source(args) -> str | None:
         return None
     if dataset == "self":
         raise ValueError("--ppl self is a `duogpt eval` option; prune takes wikitext2, a text file or none")
-    eval_text(dataset)  # raises for a missing file now rather than after the model has loaded
+    eval_text_file(dataset)
     return dataset
 
 
@@ -343,10 +342,9 @@ def _json_target(path: str | None) -> Path | None:
 
 
 def _write_json(target: Path, report: dict) -> None:
-    """The report as JSON, through a temporary file beside it: a failed write leaves no partial file."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    os.replace(tmp, target)
+    from duogpt.checkpoint import replace_atomically
+
+    replace_atomically(target, lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str) + "\n"))
 
 
 COMMANDS = {"env": (_add_env, _run_env), "prune": (_add_prune, _run_prune),

@@ -254,12 +254,6 @@ ActiveChannels list_active(const float* xs, int64_t b, int64_t k, const int32_t*
 
 // ---- around the kernels -------------------------------------------------------------------------
 
-void check_gemv_sizes(Dtype x_dt, Dtype w_dt, int64_t b, int64_t k, int64_t n) {
-  DUOGPT_CHECK(valid_dtype(int64_t(x_dt)) && valid_dtype(int64_t(w_dt)), "unknown dtype code");
-  DUOGPT_CHECK(b >= 1 && b <= kMaxTokens, "b must be in [1, ", kMaxTokens, "], got ", b);
-  DUOGPT_CHECK(k > 0 && n > 0, "sizes must be positive, got k=", k, " n=", n);
-}
-
 // `count` values (of `vsize` bytes) from v into copy, zero-padded to `reach`: a channel near the end
 // of values as far as a kernel may read it. Out of line: it runs for a few channels per call.
 [[gnu::noinline]] const char* padded_copy(const char* v, int64_t count, int64_t reach, int64_t vsize,
@@ -279,10 +273,20 @@ inline void row_range(int64_t n, int th, int threads, int64_t& r0, int64_t& r1) 
 
 }  // namespace
 
+void check_gemv_dtypes(Dtype x_dt, Dtype w_dt) {
+  DUOGPT_CHECK(valid_dtype(int64_t(x_dt)) && valid_dtype(int64_t(w_dt)), "unknown dtype code");
+}
+
+void check_gemv_sizes(int64_t b, int64_t k, int64_t n) {
+  DUOGPT_CHECK(b >= 1 && b <= kMaxTokens, "b must be in [1, ", kMaxTokens, "], got ", b);
+  DUOGPT_CHECK(k > 0 && n > 0, "sizes must be positive, got k=", k, " n=", n);
+}
+
 void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* bitmap,
                 const void* values, const int32_t* offsets, Dtype v_dt, int64_t n, int64_t nnz,
                 ActivationRule rule, void* y) {
-  check_gemv_sizes(x_dt, v_dt, b, k, n);
+  check_gemv_dtypes(x_dt, v_dt);
+  check_gemv_sizes(b, k, n);
   DUOGPT_CHECK(rule.threshold == nullptr || rule.topk_fraction < 0.0,
                "give either a threshold or a top-k fraction, not both");
   DUOGPT_CHECK(rule.topk_fraction < 1.0, "topk_fraction must be in [0, 1), got ", rule.topk_fraction);
@@ -382,7 +386,8 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
 
 void dense_gemv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const void* w, Dtype w_dt,
                     int64_t n, void* y) {
-  check_gemv_sizes(x_dt, w_dt, b, k, n);
+  check_gemv_dtypes(x_dt, w_dt);
+  check_gemv_sizes(b, k, n);
   Scratch& s = scratch();
   float* xf = s.xs.get(b * k);
   float* yf = s.acc.get(b * n);

@@ -42,13 +42,9 @@ void check_nnz(int64_t nnz) {
   DUOGPT_CHECK(nnz >= 0 && nnz < (int64_t(1) << 31), "nnz must be in [0, 2^31), got ", nnz);
 }
 
-void check_gemv_dtypes(Dtype x_dt, Dtype w_dt) {
-  DUOGPT_CHECK(valid_dtype(int64_t(x_dt)) && valid_dtype(int64_t(w_dt)), "unknown dtype code");
-}
-
-void check_gemv_sizes(int64_t b, int64_t k, int64_t n) {
-  DUOGPT_CHECK(b >= 1 && b <= kMaxTokens, "b must be in [1, ", kMaxTokens, "], got ", b);
-  DUOGPT_CHECK(k > 0 && n > 0, "sizes must be positive, got k=", k, " n=", n);
+// The GEMVs' shared checks (spmspv.h), plus sizes that fit the grids.
+void check_cuda_gemv_sizes(int64_t b, int64_t k, int64_t n) {
+  check_gemv_sizes(b, k, n);
   DUOGPT_CHECK(k <= kMaxGridX && n <= kMaxGridX, "sizes must be below 2^31, got k=", k, " n=", n);
 }
 
@@ -108,7 +104,7 @@ void bitmap_unpack_cuda(const int32_t* bitmap, const void* values, const int32_t
 // ---- decode GEMVs -------------------------------------------------------------------------------
 
 int64_t spmspv_cuda_workspace_bytes(int64_t b, int64_t k, int64_t n) {
-  check_gemv_sizes(b, k, n);
+  check_cuda_gemv_sizes(b, k, n);
   return spmspv_plan(b, k, n).bytes;
 }
 
@@ -117,7 +113,7 @@ void spmspv_cuda(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t*
                  ActivationRule rule, void* y, void* workspace, int64_t workspace_bytes,
                  void* stream) {
   check_gemv_dtypes(x_dt, v_dt);
-  check_gemv_sizes(b, k, n);
+  check_cuda_gemv_sizes(b, k, n);
   check_nnz(nnz);
   DUOGPT_CHECK(rule.threshold == nullptr || rule.topk_fraction < 0.0,
                "give either a threshold or a top-k fraction, not both");
@@ -139,7 +135,7 @@ void spmspv_cuda(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t*
 void dense_gemv_cuda(const void* x, Dtype x_dt, int64_t b, int64_t k, const void* w, Dtype w_dt,
                      int64_t n, void* y, void* stream) {
   check_gemv_dtypes(x_dt, w_dt);
-  check_gemv_sizes(b, k, n);
+  check_cuda_gemv_sizes(b, k, n);
   DUOGPT_CHECK(x != nullptr && w != nullptr && y != nullptr,
                "dense_gemv_cuda: null pointer argument");
   throw_if_failed(cuda::launch_dense_gemv(x, x_dt, b, k, w, w_dt, n, y, as_stream(stream)));

@@ -29,8 +29,9 @@ def wikitext2_path() -> Path | None:
     return folder / WIKITEXT2 if folder is not None and (folder / WIKITEXT2).is_file() else None
 
 
-def eval_text(source: str) -> tuple[str, str]:
-    """`(text, resolved source)` for `wikitext2`, `c4` or a text file path.
+def eval_text_file(source: str) -> Path:
+    """The file behind `wikitext2`, `c4` or a text file path, without reading it (callers check
+    before loading a model).
 
     Raises:
         ValueError: the named set is not available offline, or the file does not exist.
@@ -40,14 +41,20 @@ def eval_text(source: str) -> tuple[str, str]:
         if path is None:
             raise ValueError(f"WikiText-2 test text not found: set DUOGPT_DATA to a folder holding "
                              f"{WIKITEXT2}, or pass a text file (--ppl FILE) or --ppl self")
-        return path.read_text(encoding="utf-8").replace("\r\n", "\n"), str(path)
+        return path
     if source == "c4":
         raise ValueError("C4 needs a dataset hub, which duogpt does not use; save C4 validation text "
                          "to a file and pass --ppl FILE, or use --ppl wikitext2 or --ppl self")
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"--ppl {source!r} is neither one of {NAMED + ('self',)} nor a text file")
-    return path.read_text(encoding="utf-8").replace("\r\n", "\n"), str(path.resolve())
+    return path.resolve()
+
+
+def eval_text(source: str) -> tuple[str, str]:
+    """`(text, resolved source)` for `wikitext2`, `c4` or a text file path (see `eval_text_file`)."""
+    path = eval_text_file(source)
+    return path.read_text(encoding="utf-8").replace("\r\n", "\n"), str(path)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from duogpt.checkpoint import METADATA_FILE, read_metadata
 from duogpt.engine import load
-from duogpt.eval.data import eval_text, tokenize
+from duogpt.eval.data import eval_text, eval_text_file, tokenize
 from duogpt.eval.fidelity import fidelity, sample_sequences
 from duogpt.eval.harness import zero_shot
 from duogpt.eval.perplexity import num_windows, perplexity
@@ -103,7 +103,7 @@ def evaluate(model_ref: str, *, ppl: str | None = "wikitext2", seqlen: int = 204
     from duogpt.env import environment  # imports duogpt's version: deferred past package init
 
     if ppl not in (None, "self"):
-        eval_text(ppl)  # raises for a missing file now rather than after the model has loaded
+        eval_text_file(ppl)  # a missing file fails now, not after the model has loaded
     is_checkpoint = (Path(model_ref) / METADATA_FILE).is_file()
     override = None if activation_sparsity is None else ActivationSparsity(activation_sparsity)
     if is_checkpoint:

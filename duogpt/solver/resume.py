@@ -15,14 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from duogpt.checkpoint import replace_atomically
+
 PROGRESS_FILE = "progress.json"
 _THRESHOLD = "threshold:"
-
-
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class LayerStore:
@@ -67,8 +63,8 @@ class LayerStore:
         """Record layer `index` as finished."""
         tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         tensors.update({_THRESHOLD + k: v.cpu().contiguous() for k, v in thresholds.items()})
-        _replace_atomically(self.folder / f"layer-{index:05d}.safetensors",
+        replace_atomically(self.folder / f"layer-{index:05d}.safetensors",
                             lambda p: save_file(tensors, str(p)))
         self.layers[str(index)] = reports
         text = json.dumps({"settings": self.settings, "layers": self.layers}, indent=1)
-        _replace_atomically(self.folder / PROGRESS_FILE, lambda p: p.write_text(text))
+        replace_atomically(self.folder / PROGRESS_FILE, lambda p: p.write_text(text))

@@ -2,8 +2,9 @@
 /// trailing `void* stream` (a cudaStream_t). Every function only enqueues work on that stream:
 /// no allocation, no host synchronization, so all of them can be captured in a CUDA graph.
 /// Sizes are validated on the host (DUOGPT_CHECK -> ArgumentError) before any CUDA call; CUDA
-/// failures throw std::runtime_error (both from csrc/cuda/cuda_api.cpp, see csrc/cuda/launch.h). The kernels bound-check every global load, so a corrupted packed matrix
-/// gives wrong numbers, never an out-of-bounds access.
+/// failures throw std::runtime_error (both from csrc/cuda/cuda_api.cpp; csrc/cuda/launch.h says
+/// why there). The kernels bound-check every global load, so a corrupted packed matrix gives
+/// wrong numbers, never an out-of-bounds access.
 #pragma once
 
 #include <cstdint>

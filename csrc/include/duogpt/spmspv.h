@@ -9,6 +9,11 @@ namespace duogpt {
 
 constexpr int64_t kMaxTokens = 8;  // b: the decode batch the GEMV kernels are written for
 
+/// @brief Throw ArgumentError unless the dtype codes are known, 1 <= b <= kMaxTokens and k, n > 0
+/// (the CPU and CUDA GEMVs).
+void check_gemv_dtypes(Dtype x_dt, Dtype w_dt);
+void check_gemv_sizes(int64_t b, int64_t k, int64_t n);
+
 /// Activation rule fused into spmspv. Exactly one of the two is active, or neither (keep all).
 struct ActivationRule {
   const float* threshold = nullptr;  // [k] fp32: keep x[t, j] iff |x[t, j]| > threshold[j]
