@@ -263,13 +263,26 @@ void dense_block(const typename V::T* w, int64_t k, const float* x, int64_t r, f
   }
 }
 
+// Tokens T0, T0 + 1 (or the last one) of R rows, then the next pair of the same rows.
+template <typename V, int B, int R, int T0 = 0>
+void token_pairs(const typename V::T* w, int64_t k, const float* x, int64_t r, float* y, int64_t n) {
+  constexpr int P = B - T0 < 2 ? B - T0 : 2;
+  dense_block<V, P, R>(w, k, x + T0 * k, r, y + T0 * n, n);
+  if constexpr (T0 + P < B) token_pairs<V, B, R, T0 + P>(w, k, x, r, y, n);
+}
+
 template <typename V, int B>
 void dense_tokens(const typename V::T* w, int64_t k, const float* x, int64_t r0, int64_t r1,
                   float* y, int64_t n) {
-  // Four rows give b = 1 four independent FMA chains; larger b fill the 16 registers with fewer.
-  constexpr int R = B <= 2 ? 4 : B <= 4 ? 2 : 1;
+  // Four rows give four independent FMA chains per token and share each x load. With all b
+  // tokens at once, b > 2 leaves registers for fewer rows, down to one at b > 4, whose weight
+  // vectors each need b x vectors from L2 (128 KiB of x at b = 8, k = 4096): b = 8 ran at a third
+  // of b = 1's rate. So the tokens go in pairs over the same four rows, whose weights come from
+  // DRAM for the first pair and from cache for the others: b = 8 takes 0.64-0.67x the time, b = 4
+  // the same (bench/results/cpu-dense-gemv-batch-2026-11-24.md).
+  constexpr int R = 4;
   int64_t r = r0;
-  for (; r + R <= r1; r += R) dense_block<V, B, R>(w, k, x, r, y, n);
+  for (; r + R <= r1; r += R) token_pairs<V, B, R>(w, k, x, r, y, n);
   for (; r < r1; ++r) dense_block<V, B, 1>(w, k, x, r, y, n);
 }
 
