@@ -57,9 +57,13 @@ def calibration_ids(source: str, tokenizer, *, nsamples: int, seqlen: int, seed:
 
 
 def check_source(source: str) -> None:
-    """Raise ValueError, listing the alternatives, unless `source` is a named source, a file or a
-    folder holding `.txt` files: callers check before loading a model that takes minutes."""
-    if source in HUB_SOURCES or source == "self":
+    """Raise ValueError, listing the alternatives, unless `source` is `self`, a file or a folder
+    holding `.txt` files, or a hub source with `datasets` installed: callers check before loading
+    a model that takes minutes. (Whether the hub is reachable shows only when it is read.)"""
+    if source in HUB_SOURCES:
+        _datasets(source)
+        return
+    if source == "self":
         return
     path = Path(source)
     if not path.exists():
@@ -96,12 +100,18 @@ def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, generator: 
     return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
 
 
-def _load_dataset(source: str, *args, **kwargs):
+def _datasets(source: str):
+    """The `datasets` module, which hub source `source` needs."""
     try:
         import datasets
     except ImportError:
         raise ValueError(f"--calib {source} needs the `datasets` package (pip install datasets) "
                          f"and network access; without them use {_ALTERNATIVES}") from None
+    return datasets
+
+
+def _load_dataset(source: str, *args, **kwargs):
+    datasets = _datasets(source)
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as err:  # noqa: BLE001  (network, hub and cache errors all mean "unreachable")
