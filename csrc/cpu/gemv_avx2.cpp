@@ -263,27 +263,41 @@ void dense_block(const typename V::T* w, int64_t k, const float* x, int64_t r, f
   }
 }
 
-// Tokens T0, T0 + 1 (or the last one) of R rows, then the next pair of the same rows.
-template <typename V, int B, int R, int T0 = 0>
-void token_pairs(const typename V::T* w, int64_t k, const float* x, int64_t r, float* y, int64_t n) {
-  constexpr int P = B - T0 < 2 ? B - T0 : 2;
+// Tokens in groups of G (the last one smaller) over the same R rows.
+template <typename V, int B, int G, int R, int T0 = 0>
+void token_groups(const typename V::T* w, int64_t k, const float* x, int64_t r, float* y, int64_t n) {
+  constexpr int P = B - T0 < G ? B - T0 : G;
   dense_block<V, P, R>(w, k, x + T0 * k, r, y + T0 * n, n);
-  if constexpr (T0 + P < B) token_pairs<V, B, R, T0 + P>(w, k, x, r, y, n);
+  if constexpr (T0 + P < B) token_groups<V, B, G, R, T0 + P>(w, k, x, r, y, n);
 }
+
+template <typename V, int B, int G, int R>
+void row_blocks(const typename V::T* w, int64_t k, const float* x, int64_t r0, int64_t r1, float* y,
+                int64_t n) {
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) token_groups<V, B, G, R>(w, k, x, r, y, n);
+  for (; r < r1; ++r) dense_block<V, B, 1>(w, k, x, r, y, n);
+}
+
+// x of up to this many bytes is read from L1 by the all-token blocks.
+constexpr int64_t kDenseL1Bytes = 32 << 10;
 
 template <typename V, int B>
 void dense_tokens(const typename V::T* w, int64_t k, const float* x, int64_t r0, int64_t r1,
                   float* y, int64_t n) {
-  // Four rows give four independent FMA chains per token and share each x load. With all b
-  // tokens at once, b > 2 leaves registers for fewer rows, down to one at b > 4, whose weight
-  // vectors each need b x vectors from L2 (128 KiB of x at b = 8, k = 4096): b = 8 ran at a third
-  // of b = 1's rate. So the tokens go in pairs over the same four rows, whose weights come from
-  // DRAM for the first pair and from cache for the others: b = 8 takes 0.64-0.67x the time, b = 4
-  // the same (bench/results/cpu-dense-gemv-batch-2026-11-24.md).
-  constexpr int R = 4;
-  int64_t r = r0;
-  for (; r + R <= r1; r += R) token_pairs<V, B, R>(w, k, x, r, y, n);
-  for (; r < r1; ++r) dense_block<V, B, 1>(w, k, x, r, y, n);
+  // Four rows give four independent FMA chains per token and share each x load. With all b tokens
+  // at once, b > 2 leaves registers for fewer rows, down to one at b > 4. That is right while x
+  // is in L1. Past L1, each weight vector's b x loads come from L2 (128 KiB of x at b = 8,
+  // k = 4096), and b = 8 ran at a third of b = 1's rate. There the tokens go in pairs over the
+  // same four rows, whose weights come from DRAM for the first pair and from cache for the
+  // others (bench/results/cpu-dense-gemv-batch-2026-11-24.md).
+  if constexpr (B <= 2) {
+    row_blocks<V, B, B, 4>(w, k, x, r0, r1, y, n);
+  } else if (B * k * int64_t(sizeof(float)) <= kDenseL1Bytes) {
+    row_blocks<V, B, B, (B <= 4 ? 2 : 1)>(w, k, x, r0, r1, y, n);
+  } else {
+    row_blocks<V, B, 2, 4>(w, k, x, r0, r1, y, n);
+  }
 }
 
 template <typename V>
