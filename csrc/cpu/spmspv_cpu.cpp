@@ -282,14 +282,18 @@ void check_gemv_sizes(int64_t b, int64_t k, int64_t n) {
   DUOGPT_CHECK(k > 0 && n > 0, "sizes must be positive, got k=", k, " n=", n);
 }
 
+void check_activation_rule(const ActivationRule& rule) {
+  DUOGPT_CHECK(rule.threshold == nullptr || rule.topk_fraction < 0.0,
+               "give either a threshold or a top-k fraction, not both");
+  DUOGPT_CHECK(rule.topk_fraction < 1.0, "topk_fraction must be in [0, 1), got ", rule.topk_fraction);
+}
+
 void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* bitmap,
                 const void* values, const int32_t* offsets, Dtype v_dt, int64_t n, int64_t nnz,
                 ActivationRule rule, void* y) {
   check_gemv_dtypes(x_dt, v_dt);
   check_gemv_sizes(b, k, n);
-  DUOGPT_CHECK(rule.threshold == nullptr || rule.topk_fraction < 0.0,
-               "give either a threshold or a top-k fraction, not both");
-  DUOGPT_CHECK(rule.topk_fraction < 1.0, "topk_fraction must be in [0, 1), got ", rule.topk_fraction);
+  check_activation_rule(rule);
   const int64_t words = bitmap_words(n), tiles = bitmap_tiles(n);
   DUOGPT_CHECK(offsets[0] == 0 && offsets[k * tiles] == nnz, "offsets run from ", offsets[0], " to ",
                offsets[k * tiles], " but values holds ", nnz, " non-zeros: offsets must run from 0 "

@@ -115,10 +115,7 @@ void spmspv_cuda(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t*
   check_gemv_dtypes(x_dt, v_dt);
   check_cuda_gemv_sizes(b, k, n);
   check_nnz(nnz);
-  DUOGPT_CHECK(rule.threshold == nullptr || rule.topk_fraction < 0.0,
-               "give either a threshold or a top-k fraction, not both");
-  DUOGPT_CHECK(rule.topk_fraction < 1.0, "topk_fraction must be in [0, 1), got ",
-               rule.topk_fraction);
+  check_activation_rule(rule);
   DUOGPT_CHECK(x != nullptr && bitmap != nullptr && offsets != nullptr && y != nullptr &&
                    (values != nullptr || nnz == 0),
                "spmspv_cuda: null pointer argument");

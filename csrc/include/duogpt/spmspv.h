@@ -20,6 +20,10 @@ struct ActivationRule {
   double topk_fraction = -1.0;       // in [0, 1): per token, zero the floor(k * p_a) smallest |x|
 };
 
+/// @brief Throw ArgumentError unless at most one rule is given and a top-k fraction is below 1
+/// (the CPU and CUDA spMspV).
+void check_activation_rule(const ActivationRule& rule);
+
 /// @brief Bitmap spMspV. Channels whose activation is zero for all b tokens are never read.
 /// Non-finite activations count as the largest magnitudes: they are kept and propagate into y
 /// through the non-zero weights of their channel.
