@@ -29,11 +29,17 @@ FORMAT_VERSION = 1
 
 
 def replace_atomically(path: str | os.PathLike, write) -> None:
-    """`write(tmp)` a file beside `path`, then rename it over `path`: no reader sees a partial file."""
+    """`write(tmp)` a file beside `path`, then rename it over `path`: no reader sees a partial file.
+
+    If `write` raises, `path` is left as it was and the partial `tmp` is removed.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

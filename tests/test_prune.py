@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 import duogpt
 from duogpt.calibration import calibration_ids
-from duogpt.checkpoint import read_activation_sparsity, read_metadata
+from duogpt.checkpoint import read_activation_sparsity, read_metadata, replace_atomically
 from duogpt.cli import main
 from duogpt.eval import perplexity
 from duogpt.models import layer_map
@@ -211,6 +211,20 @@ def test_cli_refuses_a_leftover_partial_run_without_resume(tiny, tmp_path, capsy
     assert _prune_cli(tiny, tmp_path / "pruned") == 2
     assert "--resume" in capsys.readouterr().err
     assert _prune_cli(tiny, tmp_path / "pruned", "--resume") == 0
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial_one(tmp_path):
+    target = tmp_path / "progress.json"
+    target.write_text("old")
+
+    def write_half_then_fail(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_atomically(target, write_half_then_fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["progress.json"]
 
 
 def test_calibration_sampled_from_the_model(tiny, tmp_path):
