@@ -134,7 +134,8 @@ def _run_prune(args) -> int:
                          **({"device": args.device} if args.device else {}))
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    check_source(args.calib)
+    if config.needs_calibration:
+        check_source(args.calib)
     ppl_source = _prune_ppl_source(args)
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()

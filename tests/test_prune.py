@@ -8,6 +8,7 @@ import json
 import math
 import random
 import sys
+import types
 
 import pytest
 import torch
@@ -239,15 +240,29 @@ def test_calibration_sampled_from_the_model(tiny, tmp_path):
     assert meta["hyperparameters"]["act_order"] is False
 
 
+def _load_dataset_offline(*args, **kwargs):
+    raise ConnectionError("Couldn't reach the Hugging Face Hub")
+
+
 @pytest.mark.parametrize("source", ["c4", "wikitext2"])
-def test_missing_datasets_package_fails_before_the_model_loads(source, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails
+@pytest.mark.parametrize("datasets_module, problem", [
+    (None, "needs the `datasets` package"),  # `import datasets` fails
+    (types.SimpleNamespace(load_dataset=_load_dataset_offline), "is unreachable (ConnectionError"),
+], ids=["not-installed", "offline"])
+def test_unusable_hub_source_fails_before_the_model_loads(source, datasets_module, problem, tmp_path,
+                                                          capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", datasets_module)
     # The model does not exist: a check after loading would report that instead.
     assert main(["prune", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "x"),
                  "--calib", source, "--ppl", "none", "-q"]) == 2
     err = capsys.readouterr().err
-    assert f"--calib {source} needs the `datasets` package" in err
+    assert f"--calib {source} {problem}" in err
     assert "self" in err and "text file" in err
+
+
+def test_magnitude_pruning_reads_no_calibration_source(tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    assert _prune_cli(tiny, tmp_path / "pruned", "--method", "magnitude", "--calib", "c4") == 0
 
 
 @pytest.mark.parametrize("flags, message", [

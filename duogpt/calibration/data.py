@@ -46,11 +46,10 @@ def calibration_ids(source: str, tokenizer, *, nsamples: int, seqlen: int, seed:
             raise ValueError("--calib self samples from the model, so it needs the model")
         return sample_from_model(model, tokenizer, nsamples, seqlen, generator)
     if source == "c4":
-        return _c4_windows(tokenizer, nsamples, seqlen, generator)
+        return _c4_windows(_hub_dataset(source), tokenizer, nsamples, seqlen, generator)
     if source == "wikitext2":
-        dataset = _load_dataset("wikitext2", "wikitext", "wikitext-2-raw-v1", split="train")
-        return random_windows(_tokenize(tokenizer, "\n\n".join(dataset["text"])), nsamples, seqlen,
-                              generator, source)
+        text = "\n\n".join(_hub_dataset(source)["text"])
+        return random_windows(_tokenize(tokenizer, text), nsamples, seqlen, generator, source)
     check_source(source)
     return random_windows(_tokenize(tokenizer, read_text(Path(source))), nsamples, seqlen,
                           generator, source)
@@ -58,10 +57,10 @@ def calibration_ids(source: str, tokenizer, *, nsamples: int, seqlen: int, seed:
 
 def check_source(source: str) -> None:
     """Raise ValueError, listing the alternatives, unless `source` is `self`, a file or a folder
-    holding `.txt` files, or a hub source with `datasets` installed: callers check before loading
-    a model that takes minutes. (Whether the hub is reachable shows only when it is read.)"""
+    holding `.txt` files, or a hub source that loads: callers check before loading a model that
+    takes minutes. A hub source is read here (`datasets` caches it, so the later read is local)."""
     if source in HUB_SOURCES:
-        _datasets(source)
+        _hub_dataset(source)
         return
     if source == "self":
         return
@@ -110,18 +109,21 @@ def _datasets(source: str):
     return datasets
 
 
-def _load_dataset(source: str, *args, **kwargs):
+def _hub_dataset(source: str):
+    """The train split of hub source `source` (`c4`: SparseGPT's shard), as `datasets` loads it."""
     datasets = _datasets(source)
     try:
-        return datasets.load_dataset(*args, **kwargs)
+        if source == "c4":
+            return datasets.load_dataset("allenai/c4", data_files={"train": _C4_SHARD}, split="train")
+        return datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
     except Exception as err:  # noqa: BLE001  (network, hub and cache errors all mean "unreachable")
         raise ValueError(f"--calib {source} is unreachable ({type(err).__name__}: {err}); use "
                          f"{_ALTERNATIVES}") from None
 
 
-def _c4_windows(tokenizer, nsamples: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
+def _c4_windows(dataset, tokenizer, nsamples: int, seqlen: int,
+                generator: torch.Generator) -> torch.Tensor:
     """SparseGPT's C4 sampling: a random document longer than `seqlen`, then a random window."""
-    dataset = _load_dataset("c4", "allenai/c4", data_files={"train": _C4_SHARD}, split="train")
     windows = []
     while len(windows) < nsamples:
         doc = int(torch.randint(0, len(dataset), (1,), generator=generator))
