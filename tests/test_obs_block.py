@@ -46,7 +46,7 @@ def test_nm_rule_matches_reference_and_is_valid(nm, with_P):
 
 
 def test_pruning_nothing_changes_nothing():
-    W1, U1, P1 = block_problem(10, 16, with_P=False)
+    W1, U1, _ = block_problem(10, 16, with_P=False)
     native, _ = run_both(W1, U1, None, mask=torch.zeros(10, 16, dtype=torch.bool))
     assert torch.equal(native[0], W1) and (native[1] == 0).all()
 

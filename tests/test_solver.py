@@ -180,7 +180,7 @@ def test_hopeless_hessian_names_the_fix():
 def test_native_and_reference_block_loops_agree(sparsity):
     X_hat, X_tilde = _streams(256, 400)
     W = torch.randn(80, 256)
-    kwargs = dict(sparsity=sparsity, act_order=not sparsity.is_nm)
+    kwargs = {"sparsity": sparsity, "act_order": not sparsity.is_nm}
     native = _solve(W, X_hat, X_tilde, **kwargs).weight
     ref = _solve(W, X_hat, X_tilde, block_kernel=reference.obs_prune_block, **kwargs).weight
     assert torch.equal(native, ref)
