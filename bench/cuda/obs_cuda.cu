@@ -122,7 +122,7 @@ class ObsBench {
                                        : BlockPruneRule{d_mask.get(), 0, 0, nullptr};
     auto restore = [&] {
       BENCH_CUDA_CHECK(cudaMemcpyAsync(d_W.get(), d_W0.get(), nb * sizeof(float),
-                                        cudaMemcpyDeviceToDevice, stream_));
+                                       cudaMemcpyDeviceToDevice, stream_));
     };
     auto fused = [&] {
       obs_prune_block_cuda(d_W.get(), n, B, d_U.get(), P1, rule_d, d_E.get(), d_Pre.get(), stream_);

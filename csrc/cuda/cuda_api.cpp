@@ -4,6 +4,7 @@
 // the split).
 #include "duogpt/cuda_api.h"
 
+#include <atomic>
 #include <stdexcept>
 
 #include "duogpt/bitmap.h"
@@ -48,14 +49,24 @@ void check_cuda_gemv_sizes(int64_t b, int64_t k, int64_t n) {
   DUOGPT_CHECK(k <= kMaxGridX && n <= kMaxGridX, "sizes must be below 2^31, got k=", k, " n=", n);
 }
 
-/// Number of SMs of the current device: a cheap attribute query (no synchronization, legal while
-/// a stream is being captured).
+/// Number of SMs of the current device (no synchronization, legal while a stream is being
+/// captured). Queried once per device: every spMspV call of a decode step plans twice (workspace
+/// size, then launch).
 int sm_count() {
-  int device = 0, sms = 0;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices] = {};  // 0: not queried yet
+  int device = 0;
   throw_if_failed({cudaGetDevice(&device), __FILE__, __LINE__, "cudaGetDevice"});
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached) {
+    if (const int sms = known[device].load(std::memory_order_relaxed); sms > 0) return sms;
+  }
+  int sms = 0;
   throw_if_failed({cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), __FILE__,
                    __LINE__, "cudaDeviceGetAttribute(MultiProcessorCount)"});
-  return sms > 0 ? sms : 1;
+  sms = sms > 0 ? sms : 1;
+  if (cached) known[device].store(sms, std::memory_order_relaxed);
+  return sms;
 }
 
 cuda::SpmspvPlan spmspv_plan(int64_t b, int64_t k, int64_t n) {

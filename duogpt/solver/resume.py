@@ -64,7 +64,7 @@ class LayerStore:
         tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         tensors.update({_THRESHOLD + k: v.cpu().contiguous() for k, v in thresholds.items()})
         replace_atomically(self.folder / f"layer-{index:05d}.safetensors",
-                            lambda p: save_file(tensors, str(p)))
+                           lambda p: save_file(tensors, str(p)))
         self.layers[str(index)] = reports
         text = json.dumps({"settings": self.settings, "layers": self.layers}, indent=1)
         replace_atomically(self.folder / PROGRESS_FILE, lambda p: p.write_text(text))

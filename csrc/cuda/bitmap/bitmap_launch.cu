@@ -17,7 +17,7 @@ dim3 pack_grid(int64_t n, int64_t k) {
 
 template <typename Raw>
 LaunchStatus index_pass(const void* w, int64_t n, int64_t k, int32_t* bitmap, int32_t* offsets,
-                   int64_t* nnz_out, cudaStream_t stream) {
+                        int64_t* nnz_out, cudaStream_t stream) {
   const int64_t words = bitmap_words(n), tiles = bitmap_tiles(n);
   bitmap::bitmap_index_kernel<Raw><<<pack_grid(n, k), dim3(kSide, kSide), 0, stream>>>(
       static_cast<const Raw*>(w), n, k, words, tiles, reinterpret_cast<uint32_t*>(bitmap), offsets);
@@ -29,7 +29,7 @@ LaunchStatus index_pass(const void* w, int64_t n, int64_t k, int32_t* bitmap, in
 
 template <typename Raw>
 LaunchStatus fill_pass(const void* w, int64_t n, int64_t k, const int32_t* offsets, int64_t nnz,
-                  void* values, cudaStream_t stream) {
+                       void* values, cudaStream_t stream) {
   bitmap::bitmap_fill_kernel<Raw><<<pack_grid(n, k), dim3(kSide, kSide), 0, stream>>>(
       static_cast<const Raw*>(w), n, k, bitmap_tiles(n), offsets, nnz, static_cast<Raw*>(values));
   DUOGPT_CUDA_TRY(cudaGetLastError());
@@ -37,8 +37,8 @@ LaunchStatus fill_pass(const void* w, int64_t n, int64_t k, const int32_t* offse
 }
 
 template <typename Raw>
-LaunchStatus unpack_pass(const int32_t* bitmap, const void* values, const int32_t* offsets, int64_t n,
-                    int64_t k, int64_t nnz, void* w, cudaStream_t stream) {
+LaunchStatus unpack_pass(const int32_t* bitmap, const void* values, const int32_t* offsets,
+                         int64_t n, int64_t k, int64_t nnz, void* w, cudaStream_t stream) {
   bitmap::bitmap_unpack_kernel<Raw><<<pack_grid(n, k), dim3(kSide, kSide), 0, stream>>>(
       reinterpret_cast<const uint32_t*>(bitmap), static_cast<const Raw*>(values), offsets, n, k,
       bitmap_words(n), bitmap_tiles(n), nnz, static_cast<Raw*>(w));
