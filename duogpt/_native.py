@@ -88,7 +88,12 @@ def arch_error(archs: str, capability: tuple[int, int], name: str) -> str | None
 
 
 def dtype_code(t: torch.Tensor) -> int:
-    return DTYPE_CODES[t.dtype]
+    try:
+        return DTYPE_CODES[t.dtype]
+    except KeyError:
+        # Reached by an owner that skipped the op's checks and was then cast (`module.double()`).
+        raise TypeError(f"duogpt's kernels take float32, float16 or bfloat16 tensors, got "
+                        f"{t.dtype}; cast the model or tensor to one of them") from None
 
 
 def ptr(t: torch.Tensor | None) -> int:

@@ -24,7 +24,8 @@ import time
 import torch
 from torch import nn
 
-from duogpt.calibration.data import calibration_ids, describe
+from duogpt.calibration.data import calibration_ids, check_windows, describe
+from duogpt.engine.sparse_linear import sparse_projections
 from duogpt.models import layer_map
 from duogpt.solver.masks import WeightSparsity
 from duogpt.solver.resume import LayerStore
@@ -173,7 +174,8 @@ def prune(model: nn.Module, tokenizer, calib: str | torch.Tensor = "c4",
             SmolLM2), typically on CPU.
         tokenizer: its tokenizer (used to read text and to start `self` samples).
         calib: `c4`, `wikitext2`, a text file or folder of `.txt` files, `self`, or ready
-            calibration windows `[nsamples, seqlen]` int64.
+            calibration windows: a `[nsamples, seqlen]` integer tensor of token ids, used whole
+            (`nsamples` and `seqlen` then do not apply).
         config: the settings; `options` override its fields, e.g. `method="wanda"`,
             `weight_sparsity=(2, 4)`, `activation_sparsity=0.5`, `alpha=0.25`, `nsamples=64`.
         work_dir: finished layers are saved there; layers found there from an interrupted run
@@ -185,12 +187,18 @@ def prune(model: nn.Module, tokenizer, calib: str | torch.Tensor = "c4",
     """
     config = dataclasses.replace(config or PruneConfig(), **options)
     start = time.perf_counter()
+    if sparse_projections(model):
+        raise ValueError("the model's projections are already packed (SparseLinear, from "
+                         "duogpt.load); prune the dense model, or its pruned Hugging Face folder")
     layer_map(model)  # an unsupported architecture fails before any data is read
     input_ids, calibration = None, {"source": None, "nsamples": 0, "seqlen": 0, "seed": config.seed,
                                     "tokens": 0}
     if config.needs_calibration:
         if isinstance(calib, torch.Tensor):
-            input_ids, source = calib.to("cpu", torch.int64), "tensor"
+            input_ids, source = check_windows(calib, model.config.vocab_size), "tensor"
+        elif not isinstance(calib, (str, os.PathLike)):
+            raise TypeError(f"calib must be a source name, a path, or a [nsamples, seqlen] tensor "
+                            f"of token ids, got {type(calib).__name__}")
         else:
             input_ids, source = calibration_ids(str(calib), tokenizer, nsamples=config.nsamples,
                                                 seqlen=config.seqlen, seed=config.seed,

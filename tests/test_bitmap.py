@@ -111,6 +111,18 @@ def test_bad_inputs_get_clear_errors():
         torch.ops.duogpt.bitmap_pack(torch.zeros(4, 3).t())
 
 
+def test_to_takes_a_device_and_keeps_the_values_dtype():
+    w = BitmapWeight.from_dense(random_sparse(40, 12, 0.5))
+    assert torch.equal(w.to("cpu").to_dense(), w.to_dense())
+    with pytest.raises(TypeError, match=r"repack: BitmapWeight.from_dense\(w.to_dense\(\), torch.float16\)"):
+        w.to(torch.float16)
+
+
+def test_weights_compare_by_identity():
+    w = BitmapWeight.from_dense(random_sparse(40, 12, 0.5))
+    assert w == w and w != BitmapWeight.from_dense(w.to_dense())
+
+
 def test_non_contiguous_weight_is_packed_from_a_copy():
     w = random_sparse(12, 40, 0.5).t()
     assert torch.equal(BitmapWeight.from_dense(w).to_dense(), w)

@@ -22,6 +22,7 @@ from duogpt.engine.dense import DenseGemvLinear, set_head_kernel, to_dense_engin
 from duogpt.engine.generate import Decoder
 from duogpt.engine.sparse_linear import sparse_projections
 from duogpt.models import layer_map
+from duogpt.ops.reference import sparsify
 from duogpt.sparsity import ActivationSparsity, sparsified_inputs
 
 METADATA = {"method": "magnitude", "base_model": "tiny",
@@ -144,6 +145,73 @@ def test_threshold_of_the_wrong_width_is_refused(tiny):
     rule = ActivationSparsity(0.5, "threshold", {"up": torch.rand(module.in_features + 1)})
     with pytest.raises(ValueError, match="one per input channel"):
         module.set_activation_rule(rule, "up")
+
+
+def _threshold_module(tiny) -> tuple[SparseLinear, torch.Tensor]:
+    """`(SparseLinear with a threshold rule, its dense [out, in] weight)` of one tiny projection."""
+    linear = layer_map(tiny[0]).named_projections()["model.layers.0.mlp.up_proj"]
+    module = SparseLinear.from_linear(linear)
+    module.set_activation_rule(ActivationSparsity(0.5, "threshold", {"up": torch.rand(64) * 0.8}), "up")
+    return module, linear.weight.detach()
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.half(), lambda m: m.to(torch.bfloat16)],
+                         ids=["half", "to-bfloat16"])
+def test_a_dtype_cast_keeps_the_thresholds_in_float32(tiny, cast):
+    """The kernel compares |x| with float32 thresholds; a cast module still applies the same rule."""
+    module, _ = _threshold_module(tiny)
+    threshold = module.threshold.clone()
+    cast(module)
+    assert module.threshold.dtype == torch.float32 and torch.equal(module.threshold, threshold)
+    x = torch.randn(3, 64)
+    want = sparsify(x, threshold) @ module.dense_weight().float().T
+    torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_rule_reassigned_by_hand_is_checked_at_the_call(tiny):
+    module, _ = _threshold_module(tiny)
+    module.threshold = module.threshold.half()
+    with pytest.raises(TypeError, match="threshold must have dtype"):
+        module(torch.randn(1, 64))
+    module.threshold, module.topk_fraction = None, -0.3
+    for tokens in (1, 20):
+        with pytest.raises(ValueError, match=r"topk_fraction must be in \[0, 1\)"):
+            module(torch.randn(tokens, 64))
+
+
+@pytest.mark.parametrize("tokens", [1, 20], ids=["decode", "prefill"])
+def test_x_gets_its_gradient_through_the_kept_activations(tiny, tokens):
+    module, weight = _threshold_module(tiny)
+    x = torch.randn(tokens, 64, requires_grad=True)
+    module(x).square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    (sparsify(x_ref, module.threshold) @ weight.T).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_the_engine_head_records_autograd_for_a_trainable_weight(tiny):
+    model = duogpt.load(tiny[3])
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        y_kernel = model.lm_head(x)
+    y = model.lm_head(x)  # the tied weight is a Parameter that requires grad
+    y.sum().backward()
+    torch.testing.assert_close(y, y_kernel, rtol=1e-5, atol=1e-5)
+    assert model.lm_head.weight.grad is not None
+
+
+def test_sparse_linear_takes_empty_batches_and_names_a_wrong_width(tiny):
+    module, _ = _threshold_module(tiny)
+    assert module(torch.randn(0, 64)).shape == (0, 160)
+    with pytest.raises(ValueError, match="x has 63 features .* 64 input channels"):
+        module(torch.randn(2, 63))
+
+
+def test_a_float64_module_names_the_dtypes_the_kernels_take(tiny):
+    module, _ = _threshold_module(tiny)
+    module.double()
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        module(torch.randn(1, 64))
 
 
 def test_round_trip_generate_equals_masked_dense_greedy(tiny):
@@ -284,6 +352,16 @@ def _tampered(packed, tmp_path, edit):
     edit(tensors)
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     return bad
+
+
+def test_packed_folder_without_its_quantization_config_fails_before_loading(tiny, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny[3], bad)
+    config = json.loads((bad / "config.json").read_text())
+    del config["quantization_config"]
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no duogpt quantization_config; re-create the folder"):
+        duogpt.load(bad)
 
 
 def test_corrupted_tensor_fails_with_clear_error(tiny, tmp_path):

@@ -16,13 +16,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 import duogpt
 from duogpt.calibration import calibration_ids
-from duogpt.checkpoint import read_activation_sparsity, read_metadata, replace_atomically
+from duogpt.checkpoint import read_activation_sparsity, read_metadata, replace_atomically, save_pruned
 from duogpt.cli import main
 from duogpt.eval import perplexity
 from duogpt.models import layer_map
 from duogpt.prune import PruneConfig
 from duogpt.solver.sequential import Pipeline
-from duogpt.sparsity import sparsified_inputs
+from duogpt.sparsity import ActivationSparsity, sparsified_inputs
 
 DUOGPT_JSON_KEYS = {"format_version", "activation_sparsity", "method", "base_model", "weight_sparsity",
                     "hyperparameters", "calibration", "layers", "timings", "versions", "format"}
@@ -293,6 +293,50 @@ def test_bad_settings_are_refused():
         PruneConfig(method="obc")
     with pytest.raises(ValueError, match="weight sparsity"):
         PruneConfig(weight_sparsity=1.5)
+
+
+@pytest.mark.parametrize("pair, message", [
+    ((2, 0), "0 < N < M"), ((0, 0), "0 < N < M"), ((3, 2), "0 < N < M"), ((4, 4), "0 < N < M"),
+    ((2.5, 4), "pair of integers"), ((1, 2, 4), "pair of integers"), (("2", 4), "pair of integers"),
+])
+def test_an_n_m_pattern_must_be_two_integers_with_n_below_m(pair, message):
+    with pytest.raises(ValueError, match=message):
+        PruneConfig(weight_sparsity=pair)
+
+
+@pytest.mark.parametrize("windows, message", [
+    (torch.zeros(0, 8, dtype=torch.int64), "non-empty"),
+    (torch.zeros(8, dtype=torch.int64), "non-empty"),
+    (torch.zeros(2, 2, 8, dtype=torch.int64), "non-empty"),
+    (torch.zeros(2, 8), "integer token ids"),
+    (torch.full((2, 8), len(WORDS) + 3), "outside the model's vocabulary"),
+    (torch.full((2, 8), -1), "outside the model's vocabulary"),
+], ids=["empty", "1-D", "3-D", "float", "past-the-vocabulary", "negative"])
+def test_bad_calibration_windows_are_refused_before_any_layer_is_pruned(windows, message):
+    model = _tiny_model()
+    before = model.model.layers[0].mlp.up_proj.weight.clone()
+    with pytest.raises(ValueError, match=message):
+        duogpt.prune(model, None, windows, progress=False)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
+
+
+def test_calibration_text_needs_the_tokenizer(tiny):
+    with pytest.raises(ValueError, match="pass it, or give ready windows"):
+        duogpt.prune(_tiny_model(), None, str(tiny[1]), progress=False)
+
+
+def test_calibration_of_an_unknown_kind_is_refused():
+    with pytest.raises(TypeError, match="calib must be a source name, a path, or a"):
+        duogpt.prune(_tiny_model(), _tiny_tokenizer(), ["w1 w2 w3"], progress=False)
+
+
+def test_a_model_loaded_packed_is_not_pruned_again(tiny, tmp_path):
+    model = _tiny_model()
+    duogpt.prune(model, None, None, method="magnitude", progress=False)
+    save_pruned(model, _tiny_tokenizer(), tmp_path / "pruned",
+                {"method": "magnitude", "format": "dense"}, ActivationSparsity(0.5))
+    with pytest.raises(ValueError, match="already packed"):
+        duogpt.prune(duogpt.load(tmp_path / "pruned"), None, None, method="magnitude", progress=False)
 
 
 # --- the real model ---------------------------------------------------------------------------

@@ -28,6 +28,25 @@ def describe(source: str, input_ids: torch.Tensor, seed: int) -> dict:
             "sha256": hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()}
 
 
+def check_windows(input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Ready calibration windows given as a tensor, as `[nsamples, seqlen]` int64 on CPU.
+
+    Raises:
+        ValueError: not a non-empty 2-D integer tensor of ids in `[0, vocab_size)`.
+    """
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"calibration windows must be a non-empty [nsamples, seqlen] tensor of "
+                         f"token ids, got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"calibration windows must hold integer token ids, got {input_ids.dtype}")
+    input_ids = input_ids.to("cpu", torch.int64)
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"calibration windows hold token ids in [{low}, {high}], outside the "
+                         f"model's vocabulary [0, {vocab_size})")
+    return input_ids
+
+
 def calibration_ids(source: str, tokenizer, *, nsamples: int, seqlen: int, seed: int,
                     model: nn.Module | None = None) -> torch.Tensor:
     """`[nsamples, seqlen]` int64 calibration windows (CPU) from `source`.
@@ -40,6 +59,9 @@ def calibration_ids(source: str, tokenizer, *, nsamples: int, seqlen: int, seed:
     Raises:
         ValueError: the source is unreachable or too short; the message lists the alternatives.
     """
+    if tokenizer is None:
+        raise ValueError(f"--calib {source} is read through the model's tokenizer; pass it, or "
+                         f"give ready windows as a [nsamples, seqlen] tensor of token ids")
     generator = torch.Generator().manual_seed(seed)
     if source == "self":
         if model is None:

@@ -35,10 +35,13 @@ class DenseGemvLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x [..., in]` -> `[..., out]` in x's dtype."""
         rows = x.reshape(-1, self.in_features)  # [tokens, in]
-        if rows.shape[0] > MAX_TOKENS:
-            return super().forward(x)
         # As in SparseLinear.forward: the dict, not `nn.Module.__getattr__`, on the hot path.
         weight, bias = self._parameters["weight"], self._parameters["bias"]
+        # The kernel has no backward: where autograd records (a trained head, x's gradient),
+        # nn.Linear runs.
+        if rows.shape[0] > MAX_TOKENS or (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, weight, bias))):
+            return super().forward(x)
         y = dense_gemv_validated(rows.contiguous(), weight)
         if bias is not None:
             y = y + bias.to(y.dtype)

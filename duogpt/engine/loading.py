@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from duogpt.checkpoint import read_activation_sparsity, read_metadata
 from duogpt.engine.dense import set_engine_head
-from duogpt.engine.sparse_linear import convert_for_runtime, set_activation_sparsity, sparse_projections
+from duogpt.engine.packing import QUANT_METHOD
+from duogpt.engine.sparse_linear import convert_for_runtime, set_activation_sparsity
 from duogpt.sparsity import ActivationSparsity
 
 if TYPE_CHECKING:
@@ -37,15 +40,22 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     from transformers import AutoModelForCausalLM  # registers the quantizer (transformers_hook.py)
 
     meta = read_metadata(path)
+    packed = meta.get("format") == "bitmap"
+    if packed and _quant_method(path) != QUANT_METHOD:
+        # Checked before the load: without our quantizer transformers fails on the packed shapes.
+        raise ValueError(f"{path}: duogpt.json says 'bitmap' but config.json has no duogpt "
+                         f"quantization_config; re-create the folder with `duogpt pack`")
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype is None else dtype)
-    if meta.get("format") == "bitmap":
-        if not sparse_projections(model):
-            raise ValueError(f"{path}: duogpt.json says 'bitmap' but config.json has no duogpt "
-                             f"quantization_config; re-create the folder with `duogpt pack`")
-    else:
+    if not packed:
         convert_for_runtime(model, read_activation_sparsity(path, meta))
     if activation_sparsity is not None:
         set_activation_sparsity(model, activation_sparsity)
     model = model.to(device).eval()
     set_engine_head(model)
     return model
+
+
+def _quant_method(path: str | os.PathLike) -> str | None:
+    """`quantization_config.quant_method` of the folder's config.json, or None."""
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    return (config.get("quantization_config") or {}).get("quant_method")

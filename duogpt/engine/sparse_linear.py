@@ -1,10 +1,11 @@
 """`SparseLinear`: a pruned projection that holds only its bitmap-packed weight.
 
 Decode (up to `MAX_TOKENS` tokens) runs the `spmspv` kernel with the activation rule fused: input
-channels whose activation is dropped are never read. Longer inputs (prefill, perplexity windows)
-unpack the weight into a transient dense tensor, apply the same rule with
-`duogpt.ops.reference.sparsify` and run one dense GEMM; the transient is freed when the layer
-returns, so at most one projection is ever dense (the allocator reuses the block across layers).
+channels whose activation is dropped are never read. Longer inputs (prefill, perplexity windows),
+and inputs whose gradient autograd needs, unpack the weight into a transient dense tensor, apply the
+same rule with `duogpt.ops.reference.sparsify` and run one dense GEMM; the transient is freed when
+the layer returns, so at most one projection is ever dense (the allocator reuses the block across
+layers).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 from duogpt.formats import BitmapWeight
 from duogpt.models import layer_map
-from duogpt.ops.gemv import MAX_TOKENS, spmspv_validated
+from duogpt.ops.gemv import MAX_TOKENS, check_activation_rule, spmspv_validated
 from duogpt.ops.reference import sparsify
 from duogpt.sparsity import ActivationSparsity
 
@@ -94,6 +95,15 @@ class SparseLinear(nn.Module):
         self.threshold = (None if threshold is None
                           else threshold.to(device=self.bitmap.device, dtype=torch.float32).contiguous())
 
+    def _apply(self, fn, recurse=True):
+        # A dtype cast of the module (`model.half()`, `.to(torch.bfloat16)`) casts every floating
+        # buffer; the thresholds move with it but stay float32, the precision the kernels compare in.
+        threshold = self.threshold
+        super()._apply(fn, recurse)
+        if threshold is not None and self.threshold.dtype != torch.float32:
+            self.threshold = threshold.to(self.threshold.device)
+        return self
+
     def dense_weight(self) -> torch.Tensor:
         """`[out, in]` dense weight in the values dtype (a fresh tensor; the module keeps none)."""
         return torch.ops.duogpt.bitmap_unpack(self.bitmap, self.weight, self.offsets, self.out_features)
@@ -104,13 +114,19 @@ class SparseLinear(nn.Module):
         # CI machine, 5-6 us of a ~30 us decode call on SmolLM2's 192 x 576 projections.
         buffers = self._buffers
         threshold, bias = buffers["threshold"], buffers["bias"]
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but this "
+                             f"projection has {self.in_features} input channels")
         rows = x.reshape(-1, self.in_features)  # [tokens, in]
-        if rows.shape[0] <= MAX_TOKENS:
+        # The kernel has no backward: where autograd needs x's gradient (adapters trained over the
+        # frozen sparse model, saliency), the dense path gives it, through the kept activations.
+        if 0 < rows.shape[0] <= MAX_TOKENS and not (x.requires_grad and torch.is_grad_enabled()):
             y = spmspv_validated(rows.contiguous(), buffers["bitmap"], buffers["weight"],
                                  buffers["offsets"], self.out_features, threshold, self.topk_fraction)
             if bias is not None:
                 y = y + bias.to(y.dtype)
         else:
+            check_activation_rule(rows, threshold, self.topk_fraction)
             rows = sparsify(rows, threshold, self.topk_fraction)
             y = F.linear(rows, self.dense_weight().to(rows.dtype),
                          None if bias is None else bias.to(rows.dtype))

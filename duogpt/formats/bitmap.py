@@ -13,7 +13,8 @@ from duogpt.ops.bitmap import packed_sizes
 FORMAT_VERSION = 1
 
 
-@dataclasses.dataclass(frozen=True)
+# eq=False: equality of tensors is elementwise, so two weights compare by identity.
+@dataclasses.dataclass(frozen=True, eq=False)
 class BitmapWeight:
     """A pruned linear weight, stored input-channel-major so zero activations skip whole columns.
 
@@ -47,6 +48,11 @@ class BitmapWeight:
         return torch.ops.duogpt.bitmap_unpack(self.bitmap, self.values, self.offsets, self.shape[0])
 
     def to(self, device: torch.device | str) -> BitmapWeight:
+        """The same weight on `device`. The values dtype is fixed at packing time."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"BitmapWeight.to takes a device, not a dtype ({device}); to store the "
+                            f"values in another dtype, repack: BitmapWeight.from_dense(w.to_dense(), "
+                            f"{device})")
         return BitmapWeight(self.bitmap.to(device), self.values.to(device),
                             self.offsets.to(device), self.shape)
 

@@ -27,6 +27,9 @@ def spmspv(x: torch.Tensor, w, *, threshold: torch.Tensor | None = None,
         `[b, out]` in x's dtype. Input channels whose activation is zero (or dropped) for every
         token are never read. NaN/Inf activations are kept and propagate through the non-zero
         weights of their channel.
+
+    Inference only: the op has no backward. `SparseLinear` runs a dense GEMM instead where
+    autograd needs x's gradient.
     """
     return torch.ops.duogpt.spmspv(x, w.bitmap, w.values, w.offsets, w.shape[0], threshold,
                                    topk_fraction)

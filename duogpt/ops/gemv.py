@@ -24,17 +24,25 @@ def _check_x(x: torch.Tensor, in_features: int) -> None:
             f"weight has {in_features} input channels")
 
 
-def _check_spmspv(x, bitmap, values, offsets, out_features, threshold, topk_fraction) -> None:
-    _check_unpack(bitmap, values, offsets, out_features)
-    _check_x(x, bitmap.shape[0])
-    check_same_device(("x", x), ("values", values), ("threshold", threshold))
+def check_activation_rule(x: torch.Tensor, threshold: torch.Tensor | None,
+                          topk_fraction: float | None) -> None:
+    """The activation rule for `x [tokens, in]`: at most one of a `[in]` float32 threshold on x's
+    device and a top-k fraction in [0, 1)."""
     require(threshold is None or topk_fraction is None,
             lambda: "give either threshold or topk_fraction, not both")
     if threshold is not None:
         check_tensor(threshold, "threshold", dtypes=(torch.float32,), dim=1)
         require(threshold.shape[0] == x.shape[1], lambda: f"threshold has "
                 f"{threshold.shape[0]} entries, expected one per input channel ({x.shape[1]})")
+        check_same_device(("x", x), ("threshold", threshold))
     check_fraction(topk_fraction, "topk_fraction")
+
+
+def _check_spmspv(x, bitmap, values, offsets, out_features, threshold, topk_fraction) -> None:
+    _check_unpack(bitmap, values, offsets, out_features)
+    _check_x(x, bitmap.shape[0])
+    check_same_device(("x", x), ("values", values))
+    check_activation_rule(x, threshold, topk_fraction)
 
 
 def _spmspv_fake(x, bitmap, values, offsets, out_features, threshold=None, topk_fraction=None):
@@ -69,15 +77,18 @@ def _direct_cpu(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def spmspv_validated(x, bitmap, values, offsets, out_features, threshold=None, topk_fraction=None):
-    """`torch.ops.duogpt.spmspv` for an owner that validated its packed weight and rule once
-    (`SparseLinear`): only `x` is checked per call, and on CPU outside `torch.compile` the kernel is
-    called directly. Same arguments and result as the op; traced and CUDA calls go through the op
-    unchanged.
+    """`torch.ops.duogpt.spmspv` for an owner that validated its packed weight once
+    (`SparseLinear`): only `x` and the activation rule are checked per call, and on CPU outside
+    `torch.compile` the kernel is called directly. Same arguments and result as the op; traced and
+    CUDA calls go through the op unchanged.
     """
     if not _direct_cpu(x, values):
         return torch.ops.duogpt.spmspv(x, bitmap, values, offsets, out_features, threshold,
                                        topk_fraction)
     _check_x(x, bitmap.shape[0])
+    # The rule is an attribute its owner's user may reassign or cast (`model.half()`); a wrong
+    # threshold would be read past its end by the kernel.
+    check_activation_rule(x, threshold, topk_fraction)
     return _run_spmspv_cpu(x, bitmap, values, offsets, out_features, threshold, topk_fraction)
 
 

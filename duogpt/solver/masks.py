@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 
@@ -22,20 +23,24 @@ class WeightSparsity:
     m: int = 0
 
     def __post_init__(self):
-        if self.m:
-            if not 0 < self.n < self.m <= 64:
-                raise ValueError(f"N:M sparsity needs 0 < N < M <= 64, got {self.n}:{self.m}")
+        if self.n or self.m:
+            _check_nm(self.n, self.m)
         elif not 0.0 <= self.fraction < 1.0:
             raise ValueError(f"weight sparsity must be in [0, 1), got {self.fraction}")
 
     @classmethod
     def of(cls, value: float | tuple[int, int] | WeightSparsity) -> WeightSparsity:
-        """From a fraction (`0.5`: unstructured) or an `(n, m)` pair (`(2, 4)`: 2:4)."""
+        """From a fraction (`0.5`: unstructured) or an `(n, m)` pair of integers (`(2, 4)`: 2:4)."""
         if isinstance(value, WeightSparsity):
             return value
         if isinstance(value, (tuple, list)):
-            n, m = (int(v) for v in value)
-            return cls(n / m if m else 0.0, n, m)
+            try:
+                n, m = (operator.index(v) for v in value)
+            except (TypeError, ValueError):
+                raise ValueError(f"N:M sparsity is a pair of integers (n, m), e.g. (2, 4), got "
+                                 f"{value!r}") from None
+            _check_nm(n, m)
+            return cls(n / m, n, m)
         return cls(float(value))
 
     @property
@@ -53,6 +58,11 @@ class WeightSparsity:
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.is_nm else f"{self.fraction:g} unstructured"
+
+
+def _check_nm(n: int, m: int) -> None:
+    if not 0 < n < m <= 64:
+        raise ValueError(f"N:M sparsity needs 0 < N < M <= 64, got {n}:{m}")
 
 
 def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
