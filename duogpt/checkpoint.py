@@ -46,22 +46,37 @@ def replace_atomically(path: str | os.PathLike, write) -> None:
 def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `out_dir`; on success it replaces `out_dir`.
 
+    Args:
+        overwrite: replace an existing `out_dir`, which must then be a duogpt checkpoint (hold a
+            duogpt.json): an earlier output, never an arbitrary folder (`--out ~ --overwrite`).
+
     Raises:
-        FileExistsError: `out_dir` exists and `overwrite` is False.
+        FileExistsError: `out_dir` exists and `overwrite` is False, or it is no duogpt checkpoint.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or remove it first")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; choose another --out or remove it first")
+        if out.is_symlink() or not (out / METADATA_FILE).is_file():
+            raise FileExistsError(f"{out} is not a duogpt checkpoint (it has no {METADATA_FILE}), "
+                                  f"so --overwrite does not replace it; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    retired = staging.with_name(staging.name + "-old")
     try:
         yield staging
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        if out.exists():  # moved aside, and deleted only once the new folder is in place
+            out.rename(retired)
+        try:
+            staging.rename(out)
+        except OSError:
+            if retired.exists():
+                retired.rename(out)
+            raise
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        for leftover in (staging, retired):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def write_metadata(folder: Path, metadata: dict, sparsity: ActivationSparsity) -> None:

@@ -172,7 +172,7 @@ def _add_pack(sub) -> None:
     p.add_argument("path", help="a pruned checkpoint folder (from `duogpt prune`)")
     _flag(p, "--out", required=True, help="the packed folder to create")
     _flag(p, "--dtype", choices=_DTYPES, help="storage dtype of every floating tensor (default: as stored)")
-    _flag(p, "--overwrite", action="store_true", help="replace an existing --out")
+    _flag(p, "--overwrite", action="store_true", help="replace an existing --out that is a duogpt checkpoint (holds duogpt.json)")
 
 
 def _run_pack(args) -> int:

@@ -16,7 +16,7 @@ from transformers.quantizers import auto as hf_auto
 
 import duogpt
 from duogpt import cli
-from duogpt.checkpoint import save_pruned
+from duogpt.checkpoint import read_metadata, save_pruned
 from duogpt.engine import SparseLinear, pack_checkpoint, save_packed, set_activation_sparsity
 from duogpt.engine.dense import DenseGemvLinear, set_head_kernel, to_dense_engine
 from duogpt.engine.generate import Decoder
@@ -413,6 +413,24 @@ def test_cli_pack_and_generate(tiny, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "the quick" in printed and "tokens/s" in printed
     assert cli.main(["pack", str(dense), "--out", str(out)]) == 2  # exists: a clear error, no traceback
+
+
+def test_overwrite_replaces_only_a_duogpt_checkpoint(tiny, tmp_path, capsys):
+    _, _, dense, _ = tiny
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "important.txt").write_text("precious")
+    assert cli.main(["pack", str(dense), "--out", str(keep), "--overwrite"]) == 2
+    assert "is not a duogpt checkpoint" in capsys.readouterr().err
+    assert (keep / "important.txt").read_text() == "precious"
+    assert cli.main(["pack", str(dense), "--out", str(dense), "--overwrite"]) == 2
+    assert "is the checkpoint being packed" in capsys.readouterr().err
+    assert read_metadata(dense)["format"] == "dense"
+    out = tmp_path / "packed"
+    for _ in range(2):  # the second run replaces the first
+        assert cli.main(["pack", str(dense), "--out", str(out), "--overwrite"]) == 0
+    assert read_metadata(out)["format"] == "bitmap"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "packed"]
 
 
 def test_bench_decode_report(tiny, capsys):

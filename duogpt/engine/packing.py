@@ -95,14 +95,18 @@ def pack_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: to
         out: the packed folder to create.
         dtype: cast every floating tensor (packed values included) to this storage dtype; None
             keeps the checkpoint's dtypes.
-        overwrite: replace an existing `out`.
+        overwrite: replace an existing `out` that is a duogpt checkpoint (holds duogpt.json).
 
     Raises:
-        ValueError: `src` is no duogpt checkpoint, is already packed, or has no safetensors.
-        FileExistsError: `out` exists and `overwrite` is False.
+        ValueError: `src` is no duogpt checkpoint, is already packed, has no safetensors, or is
+            `out` itself.
+        FileExistsError: `out` exists and `overwrite` is False, or it is no duogpt checkpoint.
     """
     src = Path(src)
     meta = read_metadata(src)
+    if Path(out).resolve() == src.resolve():
+        raise ValueError(f"--out {out} is the checkpoint being packed; write the packed copy to "
+                         f"another folder")
     if meta.get("format") == "bitmap":
         raise ValueError(f"{src} is already packed (duogpt.json format 'bitmap')")
     sparsity = read_activation_sparsity(src, meta)
