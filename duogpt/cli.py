@@ -14,6 +14,41 @@ from pathlib import Path
 _DTYPES = ("float32", "float16", "bfloat16")  # the --dtype choices
 
 
+def _int_at_least(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        return n
+    return parse
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated integers >= 1 (`1,2,4,8`)."""
+    return tuple(_int_at_least(1)(v) for v in value.split(","))
+
+
+def _device(value: str) -> str:
+    """An argparse type: a device this machine has, checked before any model loads."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device; use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: torch {torch.__version__} sees no CUDA GPU "
+                                         f"here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{value}: torch sees {torch.cuda.device_count()} CUDA "
+                                         f"GPU(s) here; use --device cpu or an index below that")
+    return value
+
+
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     """Add `--a-b` with the alias `--a_b`."""
     aliases = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
@@ -63,8 +98,8 @@ def _add_prune(sub) -> None:
     _flag(p, "--blocksize", type=int, default=d.blocksize)
     _flag(p, "--act-order", action=argparse.BooleanOptionalAction,
           help="process columns by descending diag(H) (default: on, off for N:M)")
-    _flag(p, "--device", choices=("cpu", "cuda"), help="where layers are pruned (default: cuda if "
-          "available)")
+    _flag(p, "--device", type=_device, choices=("cpu", "cuda"), help="where layers are pruned "
+          "(default: cuda if available)")
     _flag(p, "--dtype", choices=_DTYPES, default="float32", help="dtype the model is loaded and saved in")
     _flag(p, "--ppl", help="perplexity on CPU before (dense) and after pruning (with the activation "
           "rule): wikitext2 (default, if the local text is found: $DUOGPT_DATA or shared/data) | a "
@@ -194,11 +229,11 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="greedy generation with the sparse (or dense) engine")
     p.add_argument("path", help="a duogpt checkpoint folder (packed or dense format)")
     _flag(p, "--prompt", required=True)
-    _flag(p, "--max-new-tokens", type=int, default=64)
+    _flag(p, "--max-new-tokens", type=_int_at_least(1), default=64)
     _flag(p, "--engine", choices=("sparse", "dense"), default="sparse",
           help="sparse: SparseLinear with the activation rule; dense: the same weights unpacked, "
                "dense activations (the baseline)")
-    _flag(p, "--device", default="cpu")
+    _flag(p, "--device", type=_device, default="cpu")
     _flag(p, "--dtype", choices=_DTYPES, help="activation dtype (default: the checkpoint's)")
     _flag(p, "--compile", action="store_true",
           help="compile the decode step (CUDA graphs on a GPU); the first tokens pay for it")
@@ -218,11 +253,15 @@ def _run_generate(args) -> int:
         to_dense_engine(model)
     tokenizer = AutoTokenizer.from_pretrained(args.path)
     prompt = tokenizer(args.prompt, return_tensors="pt").input_ids
+    if prompt.shape[1] == 0:
+        raise ValueError(f"--prompt {args.prompt!r} gives no tokens; give some text")
     decoder = Decoder(model, prompt.shape[1] + args.max_new_tokens, compile=args.compile)
     result = decoder.generate(prompt, args.max_new_tokens)
     print(args.prompt + tokenizer.decode(result.tokens[0], skip_special_tokens=True))
+    rate = result.decode_tokens_per_s  # NaN: one token, which the prefill gives
     print(f"[{args.engine} engine on {args.device}: {result.tokens.shape[1]} tokens, prefill "
-          f"{result.prefill_s * 1e3:.0f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s]")
+          f"{result.prefill_s * 1e3:.0f} ms, " + ("no decode step]" if rate != rate
+                                                   else f"decode {rate:.1f} tokens/s]"))
     return 0
 
 
@@ -241,7 +280,7 @@ def _add_eval(sub) -> None:
           help="comma-separated lm-eval tasks, or 'zeroshot' for piqa,hellaswag,winogrande,"
                "arc_easy,arc_challenge,openbookqa,boolq")
     _flag(p, "--reference", help="dense model for --ppl self (default: duogpt.json's base_model)")
-    _flag(p, "--device", default="cpu")
+    _flag(p, "--device", type=_device, default="cpu")
     _flag(p, "--dtype", choices=_DTYPES, help="default: as stored")
     _flag(p, "--batch-size", type=int, default=1, help="lm-eval batch size")
     _flag(p, "--limit", type=int, help="lm-eval: first N documents per task")
@@ -292,12 +331,13 @@ def _add_bench(sub) -> None:
     d = kinds.add_parser("decode", help="decode tokens/s: sparse vs dense engine, same model and dtype")
     d.add_argument("model", help="a duogpt checkpoint folder, or random:llama2-7b / random:smollm2-135m "
                                  "(random weights, 50%% pruned, top-k 50%% activations)")
-    _flag(d, "--device", default="cpu")
+    _flag(d, "--device", type=_device, default="cpu")
     _flag(d, "--dtype", choices=_DTYPES, help="storage and activation dtype (default: as stored)")
-    _flag(d, "--batch-sizes", default="1,2,4,8")
-    _flag(d, "--prompt-len", type=int, default=32)
-    _flag(d, "--new-tokens", type=int, default=64)
-    _flag(d, "--threads", type=int, help="CPU threads (torch and the duogpt kernels)")
+    _flag(d, "--batch-sizes", type=_int_list, default=(1, 2, 4, 8), help="comma-separated (default 1,2,4,8)")
+    _flag(d, "--prompt-len", type=_int_at_least(1), default=32)
+    _flag(d, "--new-tokens", type=_int_at_least(2), default=64,
+          help="tokens per timed run; the first comes from the prefill, so at least 2")
+    _flag(d, "--threads", type=_int_at_least(1), help="CPU threads (torch and the duogpt kernels)")
     _flag(d, "--compile", action=argparse.BooleanOptionalAction,
           help="compile the decode step (default: on a GPU, with CUDA graphs)")
     _flag(d, "--json", help="write the runs and settings here")
@@ -314,7 +354,7 @@ def _run_bench(args) -> int:
         torch.set_num_threads(args.threads)
     report = bench_decode(args.model, device=args.device,
                           dtype=getattr(torch, args.dtype) if args.dtype else None,
-                          batches=tuple(int(b) for b in args.batch_sizes.split(",")),
+                          batches=args.batch_sizes,
                           prompt_len=args.prompt_len, new_tokens=args.new_tokens, compile=args.compile)
     report["versions"] = environment()
     s, v = report["settings"], report["versions"]

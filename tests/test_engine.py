@@ -433,6 +433,29 @@ def test_overwrite_replaces_only_a_duogpt_checkpoint(tiny, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "packed"]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "nowhere", "--prompt", "a", "--max-new-tokens", "0"], "must be at least 1, got 0"),
+    (["bench", "decode", "nowhere", "--new-tokens", "1"], "must be at least 2, got 1"),
+    (["bench", "decode", "nowhere", "--batch-sizes", "1,0"], "must be at least 1, got 0"),
+    (["bench", "decode", "nowhere", "--batch-sizes", "1,a"], "'a' is not an integer"),
+    (["bench", "decode", "nowhere", "--prompt-len", "0"], "must be at least 1, got 0"),
+    (["bench", "decode", "nowhere", "--threads", "-1"], "must be at least 1, got -1"),
+    (["eval", "nowhere", "--device", "gpu0"], "'gpu0' is not a device"),
+    pytest.param(["generate", "nowhere", "--prompt", "a", "--device", "cuda"], "sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+], ids=["max-new-tokens", "new-tokens", "batch-size-0", "batch-size-a", "prompt-len", "threads",
+        "device-name", "no-gpu"])
+def test_bad_flags_are_refused_before_anything_loads(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_empty_prompt_is_refused(tiny, capsys):
+    assert cli.main(["generate", str(tiny[3]), "--prompt", ""]) == 2
+    assert "gives no tokens" in capsys.readouterr().err
+
+
 def test_bench_decode_report(tiny, capsys):
     _, _, _, packed = tiny
     assert cli.main(["bench", "decode", str(packed), "--batch-sizes", "1,2", "--new-tokens", "4",
