@@ -145,7 +145,7 @@ def _run_prune(args) -> int:
     from duogpt.calibration.data import check_source
     from duogpt.checkpoint import save_pruned
     from duogpt.eval.evaluate import PerplexityText, activation_rule
-    from duogpt.models import load_model
+    from duogpt.models.loading import load_model, model_reference
     from duogpt.prune import PruneConfig, prune
 
     out = Path(args.out)
@@ -184,7 +184,7 @@ def _run_prune(args) -> int:
                   f"tokens): {dense:.3f}")
         report = prune(model, tokenizer, args.calib, config, work_dir=work, progress=not args.quiet)
         rule = report.activation_sparsity
-        metadata = report.metadata(args.model)
+        metadata = report.metadata(model_reference(args.model))
         if text is not None:
             with activation_rule(model, rule):
                 pruned = text.score(model)

@@ -95,6 +95,15 @@ def test_cli_writes_a_plain_hugging_face_folder(tiny, tmp_path):
         assert torch.equal(pruned.get_parameter(name), original.get_parameter(name))
 
 
+def test_a_local_model_is_recorded_by_its_absolute_path(tiny, tmp_path, monkeypatch):
+    """So that `duogpt eval --ppl self` finds the dense reference from any working directory."""
+    monkeypatch.chdir(tiny[0].parent)
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", tiny[0].name, "--out", str(out), "--method", "magnitude",
+                 "--device", "cpu", "--ppl", "none", "-q"]) == 0
+    assert read_metadata(out)["base_model"] == str(tiny[0].resolve())
+
+
 @pytest.mark.parametrize("method", ["duogpt", "sparsegpt", "wanda", "magnitude"])
 @pytest.mark.parametrize("weight_sparsity", [0.5, (2, 4)], ids=["unstructured", "2:4"])
 def test_every_method_reaches_the_weight_sparsity(method, weight_sparsity):

@@ -72,6 +72,14 @@ def resolve(name_or_path: str) -> str:
     return str(_smollm2_folder()) if name_or_path == DEFAULT_MODEL else name_or_path
 
 
+def model_reference(name_or_path: str) -> str:
+    """The model argument as duogpt.json records it (`base_model`): the alias or hub id as given, a
+    local folder as its absolute path, so that `duogpt eval --ppl self` finds it from anywhere."""
+    if name_or_path != DEFAULT_MODEL and Path(name_or_path).is_dir():
+        return str(Path(name_or_path).resolve())
+    return name_or_path
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)` in eval mode.
