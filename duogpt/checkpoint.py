@@ -114,7 +114,11 @@ def read_activation_sparsity(path: str | os.PathLike, metadata: dict | None = No
     thresholds = {}
     if spec.get("thresholds_file"):
         thresholds = load_file(str(Path(path) / spec["thresholds_file"]))
-    return ActivationSparsity(fraction=spec["fraction"], rule=spec["rule"], thresholds=thresholds)
+    sparsity = ActivationSparsity(fraction=spec["fraction"], rule=spec["rule"], thresholds=thresholds)
+    if sparsity.rule == "threshold" and sparsity.active and not thresholds:
+        raise ValueError(f"{path}: duogpt.json sets the threshold rule but names no thresholds "
+                         f"file; the checkpoint is incomplete, re-create it with `duogpt prune`")
+    return sparsity
 
 
 def save_pruned(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, metadata: dict,

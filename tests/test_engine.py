@@ -355,13 +355,34 @@ def _tampered(packed, tmp_path, edit):
 
 
 def test_packed_folder_without_its_quantization_config_fails_before_loading(tiny, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny[3], bad)
-    config = json.loads((bad / "config.json").read_text())
-    del config["quantization_config"]
-    (bad / "config.json").write_text(json.dumps(config))
+    def drop_the_quantization_config(config):
+        del config["quantization_config"]
+    bad = _edited_json(tiny[3], tmp_path, "config.json", drop_the_quantization_config)
     with pytest.raises(ValueError, match="no duogpt quantization_config; re-create the folder"):
         duogpt.load(bad)
+
+
+def _edited_json(folder, tmp_path, name, edit):
+    bad = tmp_path / "edited"
+    shutil.copytree(folder, bad)
+    content = json.loads((bad / name).read_text())
+    edit(content)
+    (bad / name).write_text(json.dumps(content))
+    return bad
+
+
+def test_load_applies_the_rule_of_duogpt_json_which_eval_reports(tiny, tmp_path):
+    def drop_the_rule(config):
+        config["quantization_config"]["activation_sparsity"]["fraction"] = 0.0
+    model = duogpt.load(_edited_json(tiny[3], tmp_path, "config.json", drop_the_rule))
+    assert {m.topk_fraction for m in sparse_projections(model).values()} == {0.5}
+
+
+def test_a_threshold_rule_without_its_thresholds_file_is_refused(tiny, tmp_path):
+    def set_threshold_rule(meta):
+        meta["activation_sparsity"] = {"fraction": 0.5, "rule": "threshold"}
+    with pytest.raises(ValueError, match="names no thresholds file"):
+        duogpt.load(_edited_json(tiny[2], tmp_path, "duogpt.json", set_threshold_rule))
 
 
 def test_corrupted_tensor_fails_with_clear_error(tiny, tmp_path):

@@ -45,11 +45,14 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
         # Checked before the load: without our quantizer transformers fails on the packed shapes.
         raise ValueError(f"{path}: duogpt.json says 'bitmap' but config.json has no duogpt "
                          f"quantization_config; re-create the folder with `duogpt pack`")
+    # duogpt.json's rule, which eval reports, also for a packed folder: its quantization_config
+    # (what a plain transformers load applies) is written from it, but may have been edited since.
+    sparsity = read_activation_sparsity(path, meta) if activation_sparsity is None else activation_sparsity
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype is None else dtype)
-    if not packed:
-        convert_for_runtime(model, read_activation_sparsity(path, meta))
-    if activation_sparsity is not None:
-        set_activation_sparsity(model, activation_sparsity)
+    if packed:
+        set_activation_sparsity(model, sparsity)
+    else:
+        convert_for_runtime(model, sparsity)
     model = model.to(device).eval()
     set_engine_head(model)
     return model
