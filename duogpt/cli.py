@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import tempfile
 from pathlib import Path
 
 _DTYPES = ("float32", "float16", "bfloat16")  # the --dtype choices
@@ -152,9 +154,15 @@ def _run_prune(args) -> int:
     work = out.parent / f".{out.name}.partial"
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose another --out or remove it first")
-    if work.exists() and not args.resume:
+    if work.exists() and any(work.iterdir()) and not args.resume:
         raise ValueError(f"an interrupted run left {work}; add --resume to continue it, or remove "
                          f"it to start over")
+    try:  # found now, not after the model load and the calibration
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot write in {out.parent} ({err.strerror}); choose "
+                         f"another --out") from None
     weight_sparsity = args.weight_sparsity
     if args.nm:
         n, _, m = args.nm.partition(":")
@@ -260,7 +268,7 @@ def _run_generate(args) -> int:
     print(args.prompt + tokenizer.decode(result.tokens[0], skip_special_tokens=True))
     rate = result.decode_tokens_per_s  # NaN: one token, which the prefill gives
     print(f"[{args.engine} engine on {args.device}: {result.tokens.shape[1]} tokens, prefill "
-          f"{result.prefill_s * 1e3:.0f} ms, " + ("no decode step]" if rate != rate
+          f"{result.prefill_s * 1e3:.0f} ms, " + ("no decode step]" if math.isnan(rate)
                                                    else f"decode {rate:.1f} tokens/s]"))
     return 0
 
@@ -407,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    except KeyboardInterrupt:
+        resume = args.command == "prune"
+        print(f"duogpt {args.command}: interrupted" + ("; rerun it with --resume to continue from "
+              "the last finished layer" if resume else ""), file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
         print(f"duogpt {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from duogpt.cli import main
 from duogpt.eval import perplexity
 from duogpt.models import layer_map
 from duogpt.prune import PruneConfig
+from duogpt.solver.resume import LayerStore
 from duogpt.solver.sequential import Pipeline
 from duogpt.sparsity import ActivationSparsity, sparsified_inputs
 
@@ -218,9 +219,30 @@ def test_interrupted_run_resumes_from_the_last_finished_layer(monkeypatch, tmp_p
 
 def test_cli_refuses_a_leftover_partial_run_without_resume(tiny, tmp_path, capsys):
     (tmp_path / ".pruned.partial").mkdir()
+    (tmp_path / ".pruned.partial" / "progress.json").write_text("{}")
     assert _prune_cli(tiny, tmp_path / "pruned") == 2
     assert "--resume" in capsys.readouterr().err
+    (tmp_path / ".pruned.partial" / "progress.json").unlink()
     assert _prune_cli(tiny, tmp_path / "pruned", "--resume") == 0
+
+
+def test_an_unwritable_out_fails_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert main(["prune", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "a-file" / "x"),
+                 "--method", "magnitude", "-q"]) == 2
+    assert "cannot write in" in capsys.readouterr().err
+
+
+def test_an_empty_partial_folder_left_by_a_failed_start_is_reused(tiny, tmp_path):
+    (tmp_path / ".pruned.partial").mkdir()
+    assert _prune_cli(tiny, tmp_path / "pruned", "--method", "magnitude") == 0
+
+
+def test_resume_names_the_setting_that_changed(tmp_path):
+    settings = {"config": {"alpha": 0.125, "seed": 0}, "model": "tiny"}
+    (tmp_path / "progress.json").write_text(json.dumps({"settings": settings, "layers": {}}))
+    with pytest.raises(ValueError, match=r"\(config.alpha differ\)"):
+        LayerStore(tmp_path, settings | {"config": {"alpha": 0.25, "seed": 0}})
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial_one(tmp_path):
@@ -277,11 +299,17 @@ def test_magnitude_pruning_reads_no_calibration_source(tiny, tmp_path, monkeypat
 @pytest.mark.parametrize("flags, message", [
     (["--calib", "missing.txt"], "--calib 'missing.txt' is neither a file, a folder"),
     (["--calib", "empty-folder"], "has no .txt files"),
+    (["--calib", "folder-of-folders"], "has no .txt files"),
+    (["--calib", "blank.txt"], "--calib blank.txt holds no text"),
+    (["--calib", "latin1.txt"], "latin1.txt is not UTF-8 text"),
     (["--calib", "self", "--ppl", "missing.txt"], "--ppl 'missing.txt' is neither"),
 ])
 def test_missing_text_fails_before_the_model_loads(flags, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty-folder").mkdir()
+    (tmp_path / "folder-of-folders" / "sub.txt").mkdir(parents=True)
+    (tmp_path / "blank.txt").write_text(" \n\n")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     # The model does not exist either: a check after loading would report that instead.
     assert main(["prune", "--model", str(tmp_path / "no-model"), "--out", "x", *flags, "-q"]) == 2
     assert message in capsys.readouterr().err

@@ -90,19 +90,28 @@ def check_source(source: str) -> None:
     if not path.exists():
         raise ValueError(f"--calib {source!r} is neither a file, a folder, nor one of "
                          f"{', '.join(HUB_SOURCES + ('self',))}; use {_ALTERNATIVES}")
-    _text_files(path)
+    if not read_text(path).strip():
+        raise ValueError(f"--calib {source} holds no text; use {_ALTERNATIVES}")
 
 
 def _text_files(path: Path) -> list[Path]:
-    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    files = sorted(f for f in path.glob("*.txt") if f.is_file()) if path.is_dir() else [path]
     if not files:
         raise ValueError(f"{path} has no .txt files; use {_ALTERNATIVES}")
     return files
 
 
+def _read_utf8(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); give a "
+                         f"UTF-8 text file") from None
+
+
 def read_text(path: Path) -> str:
     """A text file, or every `.txt` file of a folder (sorted, joined by blank lines); CRLF -> LF."""
-    return "\n\n".join(f.read_text(encoding="utf-8").replace("\r\n", "\n") for f in _text_files(path))
+    return "\n\n".join(_read_utf8(f).replace("\r\n", "\n") for f in _text_files(path))
 
 
 def _tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from duogpt.calibration.data import read_text
+
 WIKITEXT2 = Path("wikitext-2-raw") / "wiki.test.raw"
 NAMED = ("wikitext2", "c4")
 
@@ -54,7 +56,7 @@ def eval_text_file(source: str) -> Path:
 def eval_text(source: str) -> tuple[str, str]:
     """`(text, resolved source)` for `wikitext2`, `c4` or a text file path (see `eval_text_file`)."""
     path = eval_text_file(source)
-    return path.read_text(encoding="utf-8").replace("\r\n", "\n"), str(path)
+    return read_text(path), str(path)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

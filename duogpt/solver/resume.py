@@ -21,6 +21,18 @@ PROGRESS_FILE = "progress.json"
 _THRESHOLD = "threshold:"
 
 
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys (`config.alpha`) at which two JSON-like dicts differ."""
+    keys = []
+    for k in sorted(a | b):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            keys.append(prefix + k)
+    return keys
+
+
 class LayerStore:
     """Per-layer results of one run.
 
@@ -39,8 +51,7 @@ class LayerStore:
         if progress.exists():
             saved = json.loads(progress.read_text())
             if saved["settings"] != self.settings:
-                changed = sorted(k for k in self.settings | saved["settings"]
-                                 if self.settings.get(k) != saved["settings"].get(k))
+                changed = _differences(self.settings, saved["settings"])
                 raise ValueError(f"{self.folder} holds a run with other settings ({', '.join(changed)} "
                                  f"differ); rerun with the same settings or remove the folder")
             self.layers = saved["layers"]
