@@ -100,7 +100,10 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if not file.is_file():
         raise ValueError(f"{path} has no {METADATA_FILE}: it is not a duogpt checkpoint "
                          f"(create one with `duogpt prune`)")
-    meta = json.loads(file.read_text())
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); the checkpoint is corrupted") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file} has format_version {meta.get('format_version')}; this duogpt "
                          f"reads version {FORMAT_VERSION}")

@@ -307,6 +307,8 @@ def _run_eval(args) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     if tasks == ["zeroshot"]:
         tasks = list(ZERO_SHOT)
+    if args.ppl == "none" and not tasks:
+        raise ValueError("--ppl none and no --tasks: nothing to evaluate")
     report = evaluate(args.model, ppl=None if args.ppl == "none" else args.ppl, seqlen=args.seqlen,
                       max_windows=args.max_windows, activation_sparsity=args.activation_sparsity,
                       tasks=tuple(tasks), reference=args.reference, device=args.device,

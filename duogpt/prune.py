@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import math
 import os
 import platform
 import time
@@ -86,8 +87,9 @@ class PruneConfig:
         for name in ("blocksize", "nsamples", "seqlen"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not (self.alpha >= 0 and self.percdamp > 0):
-            raise ValueError(f"need alpha >= 0 and percdamp > 0, got {self.alpha} and {self.percdamp}")
+        if not (0 <= self.alpha < math.inf and 0 < self.percdamp < math.inf):
+            raise ValueError(f"need a finite alpha >= 0 and percdamp > 0, got {self.alpha} and "
+                             f"{self.percdamp}")
 
     @property
     def weight(self) -> WeightSparsity:

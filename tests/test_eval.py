@@ -87,9 +87,30 @@ def test_a_missing_perplexity_text_fails_before_the_model_loads(tmp_path, capsys
 
 
 def test_eval_of_a_folder_without_a_model_says_what_to_give(tmp_path, capsys):
-    assert cli.main(["eval", str(tmp_path), "--ppl", "none"]) == 2
+    assert cli.main(["eval", str(tmp_path), "--ppl", "none", "--tasks", "piqa"]) == 2
     err = capsys.readouterr().err
     assert f"cannot load model '{tmp_path}'" in err and "Give a local Hugging Face folder" in err
+
+
+def test_eval_with_nothing_to_evaluate_is_refused(tmp_path, capsys):
+    assert cli.main(["eval", str(tmp_path), "--ppl", "none"]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_unreachable_task_data_is_named(checkpoints, capsys, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'duogpt[eval]'")
+
+    def offline(**kwargs):
+        raise ConnectionError("Couldn't reach 'ybisk/piqa' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    assert cli.main(["eval", str(checkpoints[1]), "--ppl", "none", "--tasks", "piqa"]) == 2
+    assert "lm-eval could not fetch the data of piqa" in capsys.readouterr().err
+
+
+def test_an_unknown_lm_eval_task_is_named(checkpoints, capsys):
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'duogpt[eval]'")
+    assert cli.main(["eval", str(checkpoints[1]), "--ppl", "none", "--tasks", "piqa,no_such_task"]) == 2
+    assert "lm-eval has no task 'no_such_task'" in capsys.readouterr().err
 
 
 def test_eval_dense_and_packed_agree_and_override(checkpoints, tmp_path):

@@ -330,6 +330,15 @@ def test_bad_settings_are_refused():
         PruneConfig(method="obc")
     with pytest.raises(ValueError, match="weight sparsity"):
         PruneConfig(weight_sparsity=1.5)
+    for alpha, percdamp in ((math.inf, 0.01), (-0.1, 0.01), (0.125, math.inf), (0.125, 0.0)):
+        with pytest.raises(ValueError, match="finite alpha >= 0 and percdamp > 0"):
+            PruneConfig(alpha=alpha, percdamp=percdamp)
+
+
+def test_a_duogpt_json_that_is_not_json_is_named(tmp_path):
+    (tmp_path / "duogpt.json").write_text("{'method': 'duogpt'}")
+    with pytest.raises(ValueError, match="duogpt.json is not valid JSON"):
+        read_metadata(tmp_path)
 
 
 @pytest.mark.parametrize("pair, message", [

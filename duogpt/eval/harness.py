@@ -25,7 +25,7 @@ def zero_shot(model: nn.Module, tokenizer, tasks: list[str], *, batch_size: int 
         include_path: a folder of extra task YAMLs (e.g. a local task with local data).
 
     Raises:
-        ValueError: lm-eval is not installed.
+        ValueError: lm-eval is not installed, a task is unknown, or its data is unreachable.
     """
     try:
         from lm_eval import simple_evaluate
@@ -34,9 +34,17 @@ def zero_shot(model: nn.Module, tokenizer, tasks: list[str], *, batch_size: int 
     except ImportError:
         raise ValueError("zero-shot tasks need lm-evaluation-harness: pip install 'duogpt[eval]' "
                          "(or pip install lm-eval)") from None
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     manager = TaskManager(include_path=None if include_path is None else str(include_path))
-    out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit,
-                          task_manager=manager, log_samples=False)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"lm-eval has no task {', '.join(map(repr, unknown))}; `lm-eval ls tasks` "
+                         f"lists them")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    try:
+        out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit,
+                              task_manager=manager, log_samples=False)
+    except ConnectionError as err:  # lm-eval downloads each task's data through `datasets`
+        raise ValueError(f"lm-eval could not fetch the data of {', '.join(tasks)} ({err}); run it "
+                         f"where the dataset hub is reachable, or from a local task") from None
     return {task: {k: v for k, v in metrics.items() if k != "alias"}
             for task, metrics in out["results"].items()}
