@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from duogpt.sparsity import ActivationSparsity
@@ -77,6 +78,16 @@ def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
         for leftover in (staging, retired):
             if leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def reading_weights(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise a safetensors read failure under `path` as a ValueError that names it."""
+    try:
+        yield
+    except SafetensorError as err:
+        raise ValueError(f"{path}: a safetensors file cannot be read ({err}); the checkpoint is "
+                         f"truncated or corrupted") from None
 
 
 def write_metadata(folder: Path, metadata: dict, sparsity: ActivationSparsity) -> None:

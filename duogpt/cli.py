@@ -91,13 +91,13 @@ def _add_prune(sub) -> None:
           help="topk: per token (the paper's); threshold: TEAL-style calibrated thresholds")
     _flag(p, "--calib", default="c4", help="c4 | wikitext2 (need `datasets` and network) | a text "
           "file or folder of .txt files | self (sampled from the model)")
-    _flag(p, "--nsamples", type=int, default=d.nsamples, help="calibration windows")
-    _flag(p, "--seqlen", type=int, default=d.seqlen, help="tokens per calibration window")
+    _flag(p, "--nsamples", type=_int_at_least(1), default=d.nsamples, help="calibration windows")
+    _flag(p, "--seqlen", type=_int_at_least(1), default=d.seqlen, help="tokens per calibration window")
     _flag(p, "--seed", type=int, default=d.seed)
     _flag(p, "--alpha", type=float, default=d.alpha, help="DuoGPT's residual scale")
     _flag(p, "--percdamp", type=float, default=d.percdamp,
           help="dampening, fraction of mean diag(H); escalated x10 when a Cholesky fails")
-    _flag(p, "--blocksize", type=int, default=d.blocksize)
+    _flag(p, "--blocksize", type=_int_at_least(1), default=d.blocksize)
     _flag(p, "--act-order", action=argparse.BooleanOptionalAction,
           help="process columns by descending diag(H) (default: on, off for N:M)")
     _flag(p, "--device", type=_device, choices=("cpu", "cuda"), help="where layers are pruned "
@@ -106,8 +106,8 @@ def _add_prune(sub) -> None:
     _flag(p, "--ppl", help="perplexity on CPU before (dense) and after pruning (with the activation "
           "rule): wikitext2 (default, if the local text is found: $DUOGPT_DATA or shared/data) | a "
           "text FILE | none")
-    _flag(p, "--ppl-windows", type=int, default=8, help="perplexity windows at most (default %(default)s)")
-    _flag(p, "--ppl-seqlen", type=int, default=512, help="tokens per perplexity window (default %(default)s)")
+    _flag(p, "--ppl-windows", type=_int_at_least(1), default=8, help="perplexity windows at most (default %(default)s)")
+    _flag(p, "--ppl-seqlen", type=_int_at_least(1), default=512, help="tokens per perplexity window (default %(default)s)")
     _flag(p, "--resume", action="store_true", help="continue an interrupted run into the same --out")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
 
@@ -280,8 +280,8 @@ def _add_eval(sub) -> None:
     p.add_argument("model", help="a duogpt checkpoint folder, a Hugging Face folder or hub id, or smollm2-135m")
     _flag(p, "--ppl", default="wikitext2",
           help="wikitext2 | c4 | FILE | self (fidelity on text sampled from the dense model) | none")
-    _flag(p, "--seqlen", type=int, default=2048, help="tokens per window (state it with results)")
-    _flag(p, "--max-windows", type=int, help="at most K windows (for self: K sampled sequences, default 4)")
+    _flag(p, "--seqlen", type=_int_at_least(1), default=2048, help="tokens per window (state it with results)")
+    _flag(p, "--max-windows", type=_int_at_least(1), help="at most K windows (for self: K sampled sequences, default 4)")
     _flag(p, "--activation-sparsity", type=float,
           help="top-k fraction of dropped activations (default: the rule in duogpt.json, else 0)")
     _flag(p, "--tasks", default="",
@@ -290,8 +290,8 @@ def _add_eval(sub) -> None:
     _flag(p, "--reference", help="dense model for --ppl self (default: duogpt.json's base_model)")
     _flag(p, "--device", type=_device, default="cpu")
     _flag(p, "--dtype", choices=_DTYPES, help="default: as stored")
-    _flag(p, "--batch-size", type=int, default=1, help="lm-eval batch size")
-    _flag(p, "--limit", type=int, help="lm-eval: first N documents per task")
+    _flag(p, "--batch-size", type=_int_at_least(1), default=1, help="lm-eval batch size")
+    _flag(p, "--limit", type=_int_at_least(1), help="lm-eval: first N documents per task")
     _flag(p, "--include-path", help="lm-eval: folder of extra task YAMLs")
     _flag(p, "--seed", type=int, default=0)
     _flag(p, "--json", help="write the results, settings, checkpoint summary and versions here")

@@ -28,6 +28,7 @@ from torch import nn
 from duogpt.calibration.data import calibration_ids, check_windows, describe
 from duogpt.engine.sparse_linear import sparse_projections
 from duogpt.models import layer_map
+from duogpt.models.adapters import warn_past_context
 from duogpt.solver.masks import WeightSparsity
 from duogpt.solver.resume import LayerStore
 from duogpt.solver.sequential import Pipeline
@@ -205,6 +206,7 @@ def prune(model: nn.Module, tokenizer, calib: str | torch.Tensor = "c4",
             input_ids, source = calibration_ids(str(calib), tokenizer, nsamples=config.nsamples,
                                                 seqlen=config.seqlen, seed=config.seed,
                                                 model=model), str(calib)
+        warn_past_context(model, input_ids.shape[1], "a calibration window")
         calibration = describe(source, input_ids, config.seed)
     data_s = time.perf_counter() - start
     store = None

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from transformers.quantizers import auto as hf_auto
 
 import duogpt
-from duogpt import cli
+from duogpt import BitmapWeight, cli
 from duogpt.checkpoint import read_metadata, save_pruned
 from duogpt.engine import SparseLinear, pack_checkpoint, save_packed, set_activation_sparsity
 from duogpt.engine.dense import DenseGemvLinear, set_head_kernel, to_dense_engine
@@ -198,6 +198,12 @@ def test_the_engine_head_records_autograd_for_a_trainable_weight(tiny):
     y.sum().backward()
     torch.testing.assert_close(y, y_kernel, rtol=1e-5, atol=1e-5)
     assert model.lm_head.weight.grad is not None
+
+
+def test_a_bias_of_the_wrong_shape_is_refused():
+    packed = BitmapWeight.from_dense(torch.randn(8, 16))
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        SparseLinear.from_bitmap(packed, torch.zeros(1, 8))
 
 
 def test_sparse_linear_takes_empty_batches_and_names_a_wrong_width(tiny):
@@ -383,6 +389,19 @@ def test_a_threshold_rule_without_its_thresholds_file_is_refused(tiny, tmp_path)
         meta["activation_sparsity"] = {"fraction": 0.5, "rule": "threshold"}
     with pytest.raises(ValueError, match="names no thresholds file"):
         duogpt.load(_edited_json(tiny[2], tmp_path, "duogpt.json", set_threshold_rule))
+
+
+@pytest.mark.parametrize("folder", [2, 3], ids=["dense", "packed"])
+def test_a_truncated_weight_file_is_named(tiny, tmp_path, folder):
+    bad = tmp_path / "truncated"
+    shutil.copytree(tiny[folder], bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated: a safetensors file cannot be read"):
+        duogpt.load(bad)
+    if folder == 2:
+        with pytest.raises(ValueError, match="model.safetensors: a safetensors file cannot be read"):
+            pack_checkpoint(bad, tmp_path / "packed")
 
 
 def test_corrupted_tensor_fails_with_clear_error(tiny, tmp_path):

@@ -366,6 +366,13 @@ def test_bad_calibration_windows_are_refused_before_any_layer_is_pruned(windows,
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
 
 
+def test_windows_past_the_models_context_are_warned_about(caplog):
+    model = _tiny_model()  # max_position_embeddings 256
+    with caplog.at_level("WARNING", logger="duogpt"):
+        duogpt.prune(model, None, torch.randint(3, 203, (2, 300)), method="wanda", progress=False)
+    assert "a calibration window of 300 tokens exceeds the model's context of 256" in caplog.text
+
+
 def test_calibration_text_needs_the_tokenizer(tiny):
     with pytest.raises(ValueError, match="pass it, or give ready windows"):
         duogpt.prune(_tiny_model(), None, str(tiny[1]), progress=False)

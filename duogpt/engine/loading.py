@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from duogpt.checkpoint import read_activation_sparsity, read_metadata
+from duogpt.checkpoint import read_activation_sparsity, read_metadata, reading_weights
 from duogpt.engine.dense import set_engine_head
 from duogpt.engine.packing import QUANT_METHOD
 from duogpt.engine.sparse_linear import convert_for_runtime, set_activation_sparsity
@@ -48,7 +48,8 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     # duogpt.json's rule, which eval reports, also for a packed folder: its quantization_config
     # (what a plain transformers load applies) is written from it, but may have been edited since.
     sparsity = read_activation_sparsity(path, meta) if activation_sparsity is None else activation_sparsity
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype is None else dtype)
+    with reading_weights(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype is None else dtype)
     if packed:
         set_activation_sparsity(model, sparsity)
     else:

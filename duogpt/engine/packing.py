@@ -26,6 +26,7 @@ from duogpt.checkpoint import (
     atomic_folder,
     read_activation_sparsity,
     read_metadata,
+    reading_weights,
     save_pruned,
     write_metadata,
 )
@@ -119,7 +120,8 @@ def pack_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: to
                 shutil.copy2(item, staging / item.name)
         weight_map, packed_bytes, dense_bytes = {}, 0, 0
         for name in files:
-            keys, packed, dense = _pack_file(src / name, staging, dtype, sparsity)
+            with reading_weights(src / name):
+                keys, packed, dense = _pack_file(src / name, staging, dtype, sparsity)
             weight_map |= keys
             packed_bytes, dense_bytes = packed_bytes + packed, dense_bytes + dense
         if packed_bytes == 0:

@@ -66,6 +66,9 @@ class SparseLinear(nn.Module):
     def from_bitmap(cls, packed: BitmapWeight, bias: torch.Tensor | None = None) -> SparseLinear:
         """Wrap a packed weight (and an optional `[out]` bias, kept in its own dtype)."""
         out_features, in_features = packed.shape
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), one per output row, got "
+                             f"{tuple(bias.shape)}")
         module = cls(in_features, out_features, packed.values.numel(), dtype=packed.dtype,
                      bias=bias is not None, device="meta")
         module.weight, module.bitmap, module.offsets = packed.values, packed.bitmap, packed.offsets

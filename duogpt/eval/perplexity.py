@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from duogpt.models.adapters import warn_past_context
+
 
 def num_windows(tokens: int, seqlen: int, max_windows: int | None = None) -> int:
     """How many windows `tokens` tokens give: `tokens // seqlen`, at most `max_windows`.
@@ -50,6 +52,7 @@ def window_nlls(model: nn.Module, input_ids: torch.Tensor, seqlen: int,
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, T], got {tuple(input_ids.shape)}")
     n = num_windows(input_ids.shape[1], seqlen, max_windows)
+    warn_past_context(model, seqlen, "a perplexity window")
     device = next(model.parameters()).device
     nlls = torch.empty(n, dtype=torch.float64)
     for i in range(n):

@@ -8,6 +8,7 @@ Every supported model has `model.model.embed_tokens`, `model.model.layers[i]` wi
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from torch import nn
 
@@ -44,6 +45,15 @@ class LayerMap:
         """Every projection of the model by its full module name (`model.layers.3.mlp.up_proj`)."""
         return {f"model.layers.{i}.{name}": lin for i in range(len(self.layers))
                 for name, lin in self.projections(i).items()}
+
+
+def warn_past_context(model: nn.Module, tokens: int, what: str) -> None:
+    """Log a warning when `tokens` exceeds the model's trained context (`max_position_embeddings`):
+    the run works, but past it the model's outputs, and what is measured on them, degrade."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and tokens > context:
+        logging.getLogger("duogpt").warning("%s of %d tokens exceeds the model's context of %d "
+                                            "(max_position_embeddings)", what, tokens, context)
 
 
 def layer_map(model: nn.Module) -> LayerMap:
