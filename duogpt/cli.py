@@ -106,8 +106,10 @@ def _add_prune(sub) -> None:
     _flag(p, "--ppl", help="perplexity on CPU before (dense) and after pruning (with the activation "
           "rule): wikitext2 (default, if the local text is found: $DUOGPT_DATA or shared/data) | a "
           "text FILE | none")
-    _flag(p, "--ppl-windows", type=_int_at_least(1), default=8, help="perplexity windows at most (default %(default)s)")
-    _flag(p, "--ppl-seqlen", type=_int_at_least(1), default=512, help="tokens per perplexity window (default %(default)s)")
+    _flag(p, "--ppl-windows", type=_int_at_least(1), default=8,
+          help="perplexity windows at most (default %(default)s)")
+    _flag(p, "--ppl-seqlen", type=_int_at_least(1), default=512,
+          help="tokens per perplexity window (default %(default)s)")
     _flag(p, "--resume", action="store_true", help="continue an interrupted run into the same --out")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
 
@@ -215,7 +217,8 @@ def _add_pack(sub) -> None:
     p.add_argument("path", help="a pruned checkpoint folder (from `duogpt prune`)")
     _flag(p, "--out", required=True, help="the packed folder to create")
     _flag(p, "--dtype", choices=_DTYPES, help="storage dtype of every floating tensor (default: as stored)")
-    _flag(p, "--overwrite", action="store_true", help="replace an existing --out that is a duogpt checkpoint (holds duogpt.json)")
+    _flag(p, "--overwrite", action="store_true",
+          help="replace an existing --out that is a duogpt checkpoint (holds duogpt.json)")
 
 
 def _run_pack(args) -> int:
@@ -280,8 +283,10 @@ def _add_eval(sub) -> None:
     p.add_argument("model", help="a duogpt checkpoint folder, a Hugging Face folder or hub id, or smollm2-135m")
     _flag(p, "--ppl", default="wikitext2",
           help="wikitext2 | c4 | FILE | self (fidelity on text sampled from the dense model) | none")
-    _flag(p, "--seqlen", type=_int_at_least(1), default=2048, help="tokens per window (state it with results)")
-    _flag(p, "--max-windows", type=_int_at_least(1), help="at most K windows (for self: K sampled sequences, default 4)")
+    _flag(p, "--seqlen", type=_int_at_least(1), default=2048,
+          help="tokens per window (state it with results)")
+    _flag(p, "--max-windows", type=_int_at_least(1),
+          help="at most K windows (for self: K sampled sequences, default 4)")
     _flag(p, "--activation-sparsity", type=float,
           help="top-k fraction of dropped activations (default: the rule in duogpt.json, else 0)")
     _flag(p, "--tasks", default="",

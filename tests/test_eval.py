@@ -98,7 +98,8 @@ def test_eval_with_nothing_to_evaluate_is_refused(tmp_path, capsys):
 
 
 def test_unreachable_task_data_is_named(checkpoints, capsys, monkeypatch):
-    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'duogpt[eval]'")
+    lm_eval = pytest.importorskip("lm_eval",
+                                  reason="lm-eval is an optional extra: pip install 'duogpt[eval]'")
 
     def offline(**kwargs):
         raise ConnectionError("Couldn't reach 'ybisk/piqa' on the Hub (LocalEntryNotFoundError)")
