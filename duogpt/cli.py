@@ -133,6 +133,8 @@ def _prune_ppl_source(args) -> str | None:
         return None
     if dataset == "self":
         raise ValueError("--ppl self is a `duogpt eval` option; prune takes wikitext2, a text file or none")
+    if dataset != "wikitext2" and not Path(dataset).is_file():
+        raise ValueError(f"--ppl {dataset!r} is neither wikitext2, a text file, nor none")
     eval_text_file(dataset)
     return dataset
 

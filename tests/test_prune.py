@@ -302,7 +302,9 @@ def test_magnitude_pruning_reads_no_calibration_source(tiny, tmp_path, monkeypat
     (["--calib", "folder-of-folders"], "has no .txt files"),
     (["--calib", "blank.txt"], "--calib blank.txt holds no text"),
     (["--calib", "latin1.txt"], "latin1.txt is not UTF-8 text"),
-    (["--calib", "self", "--ppl", "missing.txt"], "--ppl 'missing.txt' is neither"),
+    (["--calib", "self", "--ppl", "missing.txt"],
+     "--ppl 'missing.txt' is neither wikitext2, a text file, nor none"),
+    (["--calib", "self", "--ppl", "c4"], "--ppl 'c4' is neither wikitext2, a text file, nor none"),
 ])
 def test_missing_text_fails_before_the_model_loads(flags, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
