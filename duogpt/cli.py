@@ -327,7 +327,8 @@ def _run_eval(args) -> int:
           f"{rule['fraction']} {rule['rule']}, seqlen {args.seqlen})")
     if "perplexity" in metrics:
         m = metrics["perplexity"]
-        print(f"  perplexity {m['dataset']}: {m['value']:.3f} ({m['windows']} windows)")
+        print(f"  perplexity {m['dataset']}: {m['value']:.3f} ({m['windows']} "
+              f"window{'s' if m['windows'] != 1 else ''})")
     if "fidelity" in metrics:
         m = metrics["fidelity"]
         print(f"  self: perplexity {m['ppl']:.3f}, top-1 agreement {m['top1_agreement']:.4f}, "
@@ -393,6 +394,8 @@ def _json_target(path: str | None) -> Path | None:
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"--json {path} is a folder; give a file path such as {target / 'report.json'}")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise ValueError(f"--json {path}: {target.parent} is a file, not a folder; choose another path")
     if not target.parent.is_dir():
         raise FileNotFoundError(f"--json {path}: the folder {target.parent} does not exist; create it "
                                 f"first or choose another path")

@@ -491,6 +491,13 @@ def test_bad_flags_are_refused_before_anything_loads(argv, message, capsys):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_generating_past_the_models_context_is_warned_about(tiny, caplog):
+    model = duogpt.load(tiny[3])  # max_position_embeddings 256
+    with caplog.at_level("WARNING", logger="duogpt"):
+        Decoder(model, 300)
+    assert "a generation (prompt plus new tokens) of 300 tokens exceeds the model's context of 256" in caplog.text
+
+
 def test_an_empty_prompt_is_refused(tiny, capsys):
     assert cli.main(["generate", str(tiny[3]), "--prompt", ""]) == 2
     assert "gives no tokens" in capsys.readouterr().err

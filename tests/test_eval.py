@@ -79,6 +79,9 @@ def test_a_bad_json_path_fails_before_the_run(command, tmp_path, capsys):
     assert f"the folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
     assert cli.main([*command, str(model), "--json", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert cli.main([*command, str(model), "--json", str(tmp_path / "a-file" / "r.json")]) == 2
+    assert "a-file is a file, not a folder" in capsys.readouterr().err
 
 
 def test_a_missing_perplexity_text_fails_before_the_model_loads(tmp_path, capsys):

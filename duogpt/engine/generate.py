@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers import StaticCache
 
+from duogpt.models.adapters import warn_past_context
+
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
@@ -60,6 +62,7 @@ class Decoder:
         self.model = model
         self.device = next(model.parameters()).device
         self.max_seq_len = max_seq_len
+        warn_past_context(model, max_seq_len, "a generation (prompt plus new tokens)")
         self.cache = StaticCache(config=model.config, max_cache_len=max_seq_len)
         self._decode = self._step
         if compile:
