@@ -495,7 +495,8 @@ def test_generating_past_the_models_context_is_warned_about(tiny, caplog):
     model = duogpt.load(tiny[3])  # max_position_embeddings 256
     with caplog.at_level("WARNING", logger="duogpt"):
         Decoder(model, 300)
-    assert "a generation (prompt plus new tokens) of 300 tokens exceeds the model's context of 256" in caplog.text
+    assert ("a generation (prompt plus new tokens) of 300 tokens exceeds the model's context of 256"
+            in caplog.text)
 
 
 def test_an_empty_prompt_is_refused(tiny, capsys):
