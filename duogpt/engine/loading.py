@@ -11,7 +11,7 @@ import torch
 
 from duogpt.checkpoint import read_activation_sparsity, read_metadata, reading_weights
 from duogpt.engine.dense import set_engine_head
-from duogpt.engine.packing import QUANT_METHOD
+from duogpt.engine.packing import CONFIG_FILE, QUANT_METHOD
 from duogpt.engine.sparse_linear import convert_for_runtime, set_activation_sparsity
 from duogpt.sparsity import ActivationSparsity
 
@@ -61,5 +61,5 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
 
 def _quant_method(path: str | os.PathLike) -> str | None:
     """`quantization_config.quant_method` of the folder's config.json, or None."""
-    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
     return (config.get("quantization_config") or {}).get("quant_method")
