@@ -31,7 +31,8 @@ def check_activation_rule(x: torch.Tensor, threshold: torch.Tensor | None,
     require(threshold is None or topk_fraction is None,
             lambda: "give either threshold or topk_fraction, not both")
     # A decode step checks its rule per projection: a valid threshold passes one expression, and
-    # only a wrong one reaches the checks that name the problem (1.4 us a call here, not 2.9 us).
+    # only a wrong one reaches the checks that name the problem, at 2.7x the cost
+    # (bench/results/cpu-rule-check-per-call-2026-11-24.md).
     if threshold is not None and not (threshold.dtype == torch.float32 and threshold.is_contiguous()
                                       and threshold.shape == (x.shape[1],)
                                       and threshold.device == x.device):
