@@ -83,6 +83,16 @@ def test_bad_factors_are_rejected():
         ops.obs_prune_block(W1, U1.t(), mask=mask)
 
 
+@pytest.mark.parametrize("diagonal", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_factor_without_a_positive_finite_diagonal_is_rejected_on_cpu(diagonal):
+    W1, U1, _ = block_problem(4, 8, with_P=False)
+    U1[3, 3] = diagonal
+    before = W1.clone()
+    with pytest.raises(ValueError, match=r"U1\[3, 3\] is .*positive finite diagonal"):
+        ops.obs_prune_block(W1, U1, mask=torch.zeros(4, 8, dtype=torch.bool))
+    assert torch.equal(W1, before)  # refused before the block is touched
+
+
 def test_opcheck():
     W1, U1, P1 = block_problem(12, 16, with_P=True)
     mask = torch.rand(12, 16) < 0.5

@@ -48,7 +48,9 @@ def obs_prune_block(W1: torch.Tensor, U1: torch.Tensor, P1: torch.Tensor | None 
 
     Args:
         W1: `[n, B]` float32 block (updated by earlier blocks); on return the pruned block.
-        U1: `[B, B]` float32 diagonal block of the upper Cholesky factor of `H^-1`.
+        U1: `[B, B]` float32 diagonal block of the upper Cholesky factor of `H^-1`. Its
+            diagonal must be positive and finite: the CPU op raises ValueError otherwise;
+            on CUDA, where checking would wait on the GPU, such a column's errors are non-finite.
         P1: `[B, B]` float32 DuoGPT compensation block, or None for SparseGPT.
         mask: `[n, B]` bool, True = prune; exclusive with `nm`.
         nm: `(N, M)`: prune the N lowest-scoring of every M weights, scored inside the loop as
