@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -91,6 +92,12 @@ class PruneConfig:
         if not (0 <= self.alpha < math.inf and 0 < self.percdamp < math.inf):
             raise ValueError(f"need a finite alpha >= 0 and percdamp > 0, got {self.alpha} and "
                              f"{self.percdamp}")
+        if self.method == "duogpt" and self.alpha > 1:
+            # alpha = 1 is the full correction; past it the residual terms are over-weighted.
+            warnings.warn(f"alpha = {self.alpha} is above 1, the full correction toward the dense "
+                          f"outputs: accuracy falls steeply past the default 0.125 (perplexity "
+                          f"2.6x higher already at alpha = 1 on SmolLM2, bench/results/cpu-alpha-smollm2-2026-11-24.md)",
+                          stacklevel=3)
 
     @property
     def weight(self) -> WeightSparsity:

@@ -9,6 +9,7 @@ import math
 import random
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -335,6 +336,15 @@ def test_bad_settings_are_refused():
     for alpha, percdamp in ((math.inf, 0.01), (-0.1, 0.01), (0.125, math.inf), (0.125, 0.0)):
         with pytest.raises(ValueError, match="finite alpha >= 0 and percdamp > 0"):
             PruneConfig(alpha=alpha, percdamp=percdamp)
+
+
+def test_an_alpha_above_full_correction_warns():
+    with pytest.warns(UserWarning, match="alpha = 2.0 is above 1"):
+        PruneConfig(alpha=2.0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PruneConfig(alpha=1.0, device="cpu")
+        PruneConfig(method="sparsegpt", alpha=2.0, device="cpu")  # alpha is DuoGPT's alone
 
 
 def test_a_duogpt_json_that_is_not_json_is_named(tmp_path):
