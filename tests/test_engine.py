@@ -464,13 +464,26 @@ def test_overwrite_replaces_only_a_duogpt_checkpoint(tiny, tmp_path, capsys):
     assert "is not a duogpt checkpoint" in capsys.readouterr().err
     assert (keep / "important.txt").read_text() == "precious"
     assert cli.main(["pack", str(dense), "--out", str(dense), "--overwrite"]) == 2
-    assert "is the checkpoint being packed" in capsys.readouterr().err
+    assert "is, holds or lies inside the checkpoint being packed" in capsys.readouterr().err
     assert read_metadata(dense)["format"] == "dense"
     out = tmp_path / "packed"
     for _ in range(2):  # the second run replaces the first
         assert cli.main(["pack", str(dense), "--out", str(out), "--overwrite"]) == 0
     assert read_metadata(out)["format"] == "bitmap"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "packed"]
+
+
+def test_pack_refuses_an_out_nested_with_its_source(tiny, tmp_path, capsys):
+    _, _, dense, _ = tiny
+    outer = tmp_path / "outer"
+    shutil.copytree(dense, outer)
+    shutil.copytree(dense, outer / "inner")
+    before = sorted(p.relative_to(outer) for p in outer.rglob("*"))
+    # --overwrite of the folder around the source would delete the source with it.
+    assert cli.main(["pack", str(outer / "inner"), "--out", str(outer), "--overwrite"]) == 2
+    assert cli.main(["pack", str(outer), "--out", str(outer / "packed")]) == 2
+    assert capsys.readouterr().err.count("is, holds or lies inside the checkpoint being packed") == 2
+    assert sorted(p.relative_to(outer) for p in outer.rglob("*")) == before
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -100,14 +100,16 @@ def pack_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: to
 
     Raises:
         ValueError: `src` is no duogpt checkpoint, is already packed, has no safetensors, or is
-            `out` itself.
+            `out`, inside it or around it.
         FileExistsError: `out` exists and `overwrite` is False, or it is no duogpt checkpoint.
     """
     src = Path(src)
     meta = read_metadata(src)
-    if Path(out).resolve() == src.resolve():
-        raise ValueError(f"--out {out} is the checkpoint being packed; write the packed copy to "
-                         f"another folder")
+    # Nested either way, the pack would write into the source folder, or `--overwrite` would
+    # delete the source along with the folder it replaces.
+    if src.resolve().is_relative_to(Path(out).resolve()) or Path(out).resolve().is_relative_to(src.resolve()):
+        raise ValueError(f"--out {out} is, holds or lies inside the checkpoint being packed ({src}); "
+                         f"write the packed copy to a folder outside it")
     if meta.get("format") == "bitmap":
         raise ValueError(f"{src} is already packed (duogpt.json format 'bitmap')")
     sparsity = read_activation_sparsity(src, meta)
