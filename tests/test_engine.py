@@ -16,11 +16,13 @@ from transformers.quantizers import auto as hf_auto
 
 import duogpt
 from duogpt import BitmapWeight, cli
+from duogpt.calibration.data import sample_from_model
 from duogpt.checkpoint import read_metadata, save_pruned
 from duogpt.engine import SparseLinear, pack_checkpoint, save_packed, set_activation_sparsity
 from duogpt.engine.dense import DenseGemvLinear, set_head_kernel, to_dense_engine
 from duogpt.engine.generate import Decoder
 from duogpt.engine.sparse_linear import sparse_projections
+from duogpt.eval.fidelity import sample_sequences
 from duogpt.models import layer_map
 from duogpt.ops.reference import sparsify
 from duogpt.sparsity import ActivationSparsity, sparsified_inputs
@@ -218,6 +220,16 @@ def test_a_float64_module_names_the_dtypes_the_kernels_take(tiny):
     module.double()
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         module(torch.randn(1, 64))
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")
+def test_kv_cached_loops_use_the_forwards_current_cache_keyword(tiny):
+    # transformers 5.24 renamed `past_key_values` to `cache`, warning until its removal in 5.40.
+    model, tokenizer, _, _ = tiny
+    Decoder(model, max_seq_len=8).generate(torch.randint(0, 300, (1, 3)), 4)
+    assert sample_sequences(model, 2, 6, first_token=1).shape == (2, 6)
+    samples = sample_from_model(model, tokenizer, 2, 6, torch.Generator().manual_seed(0))
+    assert samples.shape == (2, 6)
 
 
 def test_round_trip_generate_equals_masked_dense_greedy(tiny):

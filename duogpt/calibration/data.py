@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from duogpt.models.adapters import cache_argument
+
 HUB_SOURCES = ("c4", "wikitext2")
 _ALTERNATIVES = ("a local text file or a folder of .txt files (--calib PATH), or 'self' "
                  "(sequences sampled from the model itself)")
@@ -176,6 +178,7 @@ def sample_from_model(model: nn.Module, tokenizer, nsamples: int, seqlen: int,
     vocab = model.get_output_embeddings().weight.shape[0]
     bos = getattr(tokenizer, "bos_token_id", None)
     out = torch.empty(nsamples, seqlen, dtype=torch.int64)
+    key = cache_argument(model)
     for b0 in range(0, nsamples, batch):
         b = min(batch, nsamples - b0)
         token = (torch.full((b, 1), bos, dtype=torch.int64) if bos is not None
@@ -183,8 +186,8 @@ def sample_from_model(model: nn.Module, tokenizer, nsamples: int, seqlen: int,
         out[b0:b0 + b, 0:1] = token
         past = None
         for t in range(1, seqlen):
-            step = model(token.to(device), past_key_values=past, use_cache=True)
-            past = step.past_key_values
+            step = model(token.to(device), use_cache=True, **{key: past})
+            past = step[key]
             probs = torch.softmax(step.logits[:, -1].float(), dim=-1).cpu()
             token = torch.multinomial(probs, 1, generator=generator)
             out[b0:b0 + b, t:t + 1] = token

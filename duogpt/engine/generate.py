@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import StaticCache
 
-from duogpt.models.adapters import warn_past_context
+from duogpt.models.adapters import cache_argument, warn_past_context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +64,7 @@ class Decoder:
         self.max_seq_len = max_seq_len
         warn_past_context(model, max_seq_len, "a generation (prompt plus new tokens)")
         self.cache = StaticCache(config=model.config, max_cache_len=max_seq_len)
+        self._cache_key = cache_argument(model)
         self._decode = self._step
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
@@ -73,8 +74,8 @@ class Decoder:
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed `tokens [B, S]` at the cache's current position; returns the argmax of the last
         position, `[B, 1]` int64 on the model's device."""
-        logits = self.model(input_ids=tokens, past_key_values=self.cache, use_cache=True,
-                            logits_to_keep=1).logits  # [B, 1, vocab]
+        logits = self.model(input_ids=tokens, use_cache=True, logits_to_keep=1,
+                            **{self._cache_key: self.cache}).logits  # [B, 1, vocab]
         return logits[:, -1].argmax(dim=-1, keepdim=True)
 
     def decode_one(self, token: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from duogpt.models.adapters import cache_argument
+
 
 @torch.no_grad()
 def sample_sequences(reference: nn.Module, n: int, seqlen: int, first_token: int, *,
@@ -22,11 +24,11 @@ def sample_sequences(reference: nn.Module, n: int, seqlen: int, first_token: int
     device = next(reference.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     seqs = torch.full((n, 1), first_token, dtype=torch.long, device=device)
-    cache = None
+    key, cache = cache_argument(reference), None
     for _ in range(seqlen - 1):
-        out = reference(input_ids=seqs if cache is None else seqs[:, -1:], past_key_values=cache,
-                        use_cache=True)
-        cache = out.past_key_values
+        out = reference(input_ids=seqs if cache is None else seqs[:, -1:], use_cache=True,
+                        **{key: cache})
+        cache = out[key]
         probs = out.logits[:, -1].float().softmax(-1)
         seqs = torch.cat([seqs, torch.multinomial(probs, 1, generator=generator)], dim=1)
     return seqs.cpu()

@@ -8,6 +8,7 @@ Every supported model has `model.model.embed_tokens`, `model.model.layers[i]` wi
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 
 from torch import nn
@@ -45,6 +46,13 @@ class LayerMap:
         """Every projection of the model by its full module name (`model.layers.3.mlp.up_proj`)."""
         return {f"model.layers.{i}.{name}": lin for i in range(len(self.layers))
                 for name, lin in self.projections(i).items()}
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword under which `model`'s forward takes its KV cache, and the key of the cache in its
+    output: `cache` in transformers 5.24 and later, which deprecate `past_key_values` (to be removed
+    in 5.40); `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def warn_past_context(model: nn.Module, tokens: int, what: str) -> None:
