@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from test_package import run_python
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -189,6 +190,24 @@ def test_x_gets_its_gradient_through_the_kept_activations(tiny, tokens):
     x_ref = x.detach().clone().requires_grad_()
     (sparsify(x_ref, module.threshold) @ weight.T).square().sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 20], ids=["decode", "prefill"])
+def test_under_autocast_the_projections_compute_in_the_autocast_dtype_like_nn_linear(tiny, tokens):
+    module, weight = _threshold_module(tiny)
+    head = DenseGemvLinear(64, 160, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    x = torch.randn(tokens, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_head = module(x), head(x)
+        # nn.Linear's result, on the input that the rule sees in bfloat16
+        y_ref = F.linear(sparsify(x.bfloat16(), module.threshold), weight)
+        y_head_ref = F.linear(x, weight)
+    assert y.dtype == y_head.dtype == y_ref.dtype == torch.bfloat16
+    # The kernels keep the stored weights (float32 here) where autocast rounds them to bfloat16.
+    torch.testing.assert_close(y, y_ref, rtol=1.6e-2, atol=4e-3)
+    torch.testing.assert_close(y_head, y_head_ref, rtol=1.6e-2, atol=4e-3)
 
 
 def test_the_engine_head_records_autograd_for_a_trainable_weight(tiny):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from duogpt.engine.sparse_linear import sparse_projections
+from duogpt.engine.sparse_linear import autocast_input, sparse_projections
 from duogpt.ops._checks import FLOAT_DTYPES, check_tensor
 from duogpt.ops.gemv import MAX_TOKENS, dense_gemv_validated
 
@@ -33,7 +33,8 @@ class DenseGemvLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`x [..., in]` -> `[..., out]` in x's dtype."""
+        """`x [..., in]` -> `[..., out]` in x's dtype (under autocast, the autocast dtype)."""
+        x = autocast_input(x)
         rows = x.reshape(-1, self.in_features)  # [tokens, in]
         # As in SparseLinear.forward: the dict, not `nn.Module.__getattr__`, on the hot path.
         weight, bias = self._parameters["weight"], self._parameters["bias"]

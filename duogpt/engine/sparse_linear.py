@@ -26,6 +26,16 @@ from duogpt.sparsity import ActivationSparsity
 PACKED_KEYS = ("weight", "bitmap", "offsets", "shape")
 
 
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """`x` in the autocast dtype where autocast is on for x's device, else `x`: the input dtype
+    `nn.Linear` computes in. The custom ops are outside autocast's op lists, so the engine's
+    modules cast for them, on every path, so that the activation rule sees the same values."""
+    device = "cuda" if x.is_cuda else "cpu"  # the kernels' devices; `x.device.type` costs ~0.5 us
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 class SparseLinear(nn.Module):
     """`y = sparsify(x) @ W.T + b` with `W` stored in the bitmap format (docs/format.md).
 
@@ -112,7 +122,7 @@ class SparseLinear(nn.Module):
         return torch.ops.duogpt.bitmap_unpack(self.bitmap, self.weight, self.offsets, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`x [..., in]` -> `[..., out]` in x's dtype."""
+        """`x [..., in]` -> `[..., out]` in x's dtype (under autocast, the autocast dtype)."""
         # The buffers straight from their dict: `nn.Module.__getattr__` costs ~1 us a name on the
         # CI machine, 5-6 us of a ~30 us decode call on SmolLM2's 192 x 576 projections.
         buffers = self._buffers
@@ -120,6 +130,7 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but this "
                              f"projection has {self.in_features} input channels")
+        x = autocast_input(x)
         rows = x.reshape(-1, self.in_features)  # [tokens, in]
         # The kernel has no backward: where autograd needs x's gradient (adapters trained over the
         # frozen sparse model, saliency), the dense path gives it, through the kept activations.
