@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 
 import pytest
 import torch
@@ -23,7 +24,6 @@ from duogpt.engine import SparseLinear, pack_checkpoint, save_packed, set_activa
 from duogpt.engine.dense import DenseGemvLinear, set_head_kernel, to_dense_engine
 from duogpt.engine.generate import Decoder
 from duogpt.engine.sparse_linear import sparse_projections
-from duogpt.eval.fidelity import sample_sequences
 from duogpt.models import layer_map
 from duogpt.ops.reference import sparsify
 from duogpt.sparsity import ActivationSparsity, sparsified_inputs
@@ -246,9 +246,18 @@ def test_kv_cached_loops_use_the_forwards_current_cache_keyword(tiny):
     # transformers 5.24 renamed `past_key_values` to `cache`, warning until its removal in 5.40.
     model, tokenizer, _, _ = tiny
     Decoder(model, max_seq_len=8).generate(torch.randint(0, 300, (1, 3)), 4)
-    assert sample_sequences(model, 2, 6, first_token=1).shape == (2, 6)
     samples = sample_from_model(model, tokenizer, 2, 6, torch.Generator().manual_seed(0))
     assert samples.shape == (2, 6)
+
+
+def test_sampled_sequences_start_at_bos_else_eos_else_a_random_token(tiny):
+    model = tiny[0]
+    def first_tokens(bos, eos):
+        tokenizer = types.SimpleNamespace(bos_token_id=bos, eos_token_id=eos)
+        return sample_from_model(model, tokenizer, 12, 3, torch.Generator().manual_seed(0))[:, 0]
+    assert first_tokens(5, 7).eq(5).all()
+    assert first_tokens(None, 7).eq(7).all()
+    assert first_tokens(None, None).unique().numel() > 1
 
 
 def test_round_trip_generate_equals_masked_dense_greedy(tiny):

@@ -169,14 +169,17 @@ def _c4_windows(dataset, tokenizer, nsamples: int, seqlen: int,
 @torch.no_grad()
 def sample_from_model(model: nn.Module, tokenizer, nsamples: int, seqlen: int,
                       generator: torch.Generator, batch: int = 8) -> torch.Tensor:
-    """`[nsamples, seqlen]` sequences sampled from the model at temperature 1 (CPU int64).
+    """`[nsamples, seqlen]` sequences sampled from the model at temperature 1 (CPU int64): the
+    `self` source of calibration (`--calib self`) and of fidelity (`duogpt eval --ppl self`).
 
-    Each starts at the BOS token (a random token when the tokenizer has none) and is sampled on
-    the model's device, `batch` sequences at a time with a KV cache.
+    Each starts at the BOS token, else at EOS (a document boundary for tokenizers without BOS),
+    else at a random token, and is sampled on the model's device, `batch` sequences at a time with
+    a KV cache. `generator` is a CPU generator, which makes the draws independent of the device.
     """
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
-    bos = getattr(tokenizer, "bos_token_id", None)
+    bos = next((t for t in (getattr(tokenizer, "bos_token_id", None),
+                            getattr(tokenizer, "eos_token_id", None)) if t is not None), None)
     out = torch.empty(nsamples, seqlen, dtype=torch.int64)
     key = cache_argument(model)
     for b0 in range(0, nsamples, batch):

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from duogpt.calibration.data import sample_from_model
 from duogpt.checkpoint import METADATA_FILE, read_metadata
 from duogpt.engine import load
 from duogpt.eval.data import eval_text, eval_text_file, tokenize
-from duogpt.eval.fidelity import fidelity, sample_sequences
+from duogpt.eval.fidelity import fidelity
 from duogpt.eval.harness import zero_shot
 from duogpt.eval.perplexity import num_windows, perplexity
 from duogpt.models import layer_map, load_model
@@ -123,8 +124,8 @@ def evaluate(model_ref: str, *, ppl: str | None = "wikitext2", seqlen: int = 204
         if ppl == "self":
             ref_name = reference or (meta["base_model"] if meta else model_ref)
             ref_model, _ = load_model(ref_name, dtype=dtype or "auto", device=device)
-            first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-            sequences = sample_sequences(ref_model, max_windows or SELF_SEQUENCES, seqlen, first, seed=seed)
+            sequences = sample_from_model(ref_model, tokenizer, max_windows or SELF_SEQUENCES, seqlen,
+                                          torch.Generator().manual_seed(seed))
             metrics["fidelity"] = dict(fidelity(model, ref_model, sequences), reference=ref_name)
         elif ppl is not None:
             text = PerplexityText.load(ppl, tokenizer, seqlen, max_windows)

@@ -1,9 +1,9 @@
 """`--ppl self`: fidelity to the dense model, measured on text the dense model wrote itself.
 
-Sequences are sampled from the dense reference (temperature 1, no truncation, seeded), so the
-measure needs no data set. On them the evaluated model gets a perplexity, its top-1 agreement with
-the reference (fraction of positions where both argmaxes agree) and the mean per-token
-KL(reference || evaluated) in nats.
+Sequences are sampled from the dense reference (`duogpt.calibration.data.sample_from_model`:
+temperature 1, no truncation, seeded), so the measure needs no data set. On them the evaluated
+model gets a perplexity, its top-1 agreement with the reference (fraction of positions where both
+argmaxes agree) and the mean per-token KL(reference || evaluated) in nats.
 """
 
 from __future__ import annotations
@@ -13,25 +13,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from duogpt.models.adapters import cache_argument
-
-
-@torch.no_grad()
-def sample_sequences(reference: nn.Module, n: int, seqlen: int, first_token: int, *,
-                     seed: int = 0) -> torch.Tensor:
-    """`[n, seqlen]` int64 sequences sampled from `reference`, each starting with `first_token`."""
-    device = next(reference.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    seqs = torch.full((n, 1), first_token, dtype=torch.long, device=device)
-    key, cache = cache_argument(reference), None
-    for _ in range(seqlen - 1):
-        out = reference(input_ids=seqs if cache is None else seqs[:, -1:], use_cache=True,
-                        **{key: cache})
-        cache = out[key]
-        probs = out.logits[:, -1].float().softmax(-1)
-        seqs = torch.cat([seqs, torch.multinomial(probs, 1, generator=generator)], dim=1)
-    return seqs.cpu()
 
 
 @torch.no_grad()
