@@ -451,10 +451,15 @@ def test_corrupted_tensor_fails_with_clear_error(tiny, tmp_path):
         duogpt.load(_tampered(tiny[3], tmp_path, flip_a_bit))
 
 
-def test_missing_tensor_fails_with_clear_error(tiny, tmp_path):
+@pytest.mark.parametrize("name, message", [
+    *((f"model.layers.0.self_attn.k_proj.{key}", f"has no model.layers.0.self_attn.k_proj.{key}")
+      for key in ("weight", "bitmap", "offsets", "shape")),
+    ("model.norm.weight", "missing 1 tensors"),
+])
+def test_missing_tensor_fails_with_clear_error(tiny, tmp_path, name, message):
     def drop(t):
-        del t["model.layers.0.self_attn.k_proj.offsets"]
-    with pytest.raises(ValueError, match="missing 1 tensors"):
+        del t[name]
+    with pytest.raises(ValueError, match=f"{message}.*re-create it with `duogpt pack`"):
         duogpt.load(_tampered(tiny[3], tmp_path, drop))
 
 

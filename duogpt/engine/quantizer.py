@@ -78,9 +78,10 @@ class DuoGPTQuantizer(HfQuantizer):
         header = _header(checkpoint_files or [])
         lm = layer_map(model)
         for name, linear in lm.named_projections().items():
-            if f"{name}.bitmap" not in header:
-                raise ValueError(f"packed checkpoint has no {name}.bitmap: it is incomplete or not "
-                                 f"a duogpt packed folder; re-create it with `duogpt pack`")
+            for key in PACKED_KEYS:
+                if f"{name}.{key}" not in header:
+                    raise ValueError(f"packed checkpoint has no {name}.{key}: it is incomplete or "
+                                     f"not a duogpt packed folder; re-create it with `duogpt pack`")
             module = SparseLinear(linear.in_features, linear.out_features,
                                   header[f"{name}.weight"][0][0], dtype=header[f"{name}.weight"][1],
                                   bias=linear.bias is not None, device="meta")
