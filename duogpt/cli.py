@@ -104,8 +104,8 @@ def _add_prune(sub) -> None:
           "(default: cuda if available)")
     _flag(p, "--dtype", choices=_DTYPES, default="float32", help="dtype the model is loaded and saved in")
     _flag(p, "--ppl", help="perplexity on CPU before (dense) and after pruning (with the activation "
-          "rule): wikitext2 (default, if the local text is found: $DUOGPT_DATA or shared/data) | a "
-          "text FILE | none")
+          "rule): wikitext2 (default, if the local text is found: $DUOGPT_DATA, or shared/data beside "
+          "an editable install's checkout) | a text FILE | none")
     _flag(p, "--ppl-windows", type=_int_at_least(1), default=8,
           help="perplexity windows at most (default %(default)s)")
     _flag(p, "--ppl-seqlen", type=_int_at_least(1), default=512,

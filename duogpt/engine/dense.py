@@ -74,7 +74,7 @@ def set_head_kernel(model: PreTrainedModel, kernel: str) -> None:
 
 def set_engine_head(model: PreTrainedModel) -> None:
     """The sparse engine's output projection: duogpt's dense GEMV on CPU. On CUDA the head stays on
-    cuBLAS, which the CUDA `dense_gemv` has not been measured against yet."""
+    cuBLAS, which the CUDA `dense_gemv` has not been measured against on the head alone."""
     if model.device.type == "cpu":
         set_head_kernel(model, "duogpt")
 

@@ -148,8 +148,8 @@ def pack_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: to
 def save_packed(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, metadata: dict,
                 sparsity: ActivationSparsity, *, dtype: torch.dtype | None = None,
                 overwrite: bool = False) -> Path:
-    """`duogpt.checkpoint.save_pruned`, then `pack_checkpoint` (for `duogpt prune --format bitmap`);
-    the dense intermediate lives in a temporary folder beside `out_dir`."""
+    """`duogpt.checkpoint.save_pruned`, then `pack_checkpoint`: a packed folder straight from a
+    pruned model. The dense intermediate lives in a temporary folder beside `out_dir`."""
     parent = Path(out_dir).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".duogpt-dense-", dir=parent) as tmp:

@@ -1,8 +1,8 @@
 """Evaluation text: WikiText-2 test from the shared data folder, or any local text file.
 
 No dataset hub is used: `wikitext2` resolves to `wikitext-2-raw/wiki.test.raw` in `$DUOGPT_DATA`
-or in the `shared/data` folder beside the source checkout. Text is tokenized without added special
-tokens (the SparseGPT/Wanda WikiText-2 protocol).
+or, for an editable install, in the `shared/data` folder beside the source checkout. Text is
+tokenized without added special tokens (the SparseGPT/Wanda WikiText-2 protocol).
 """
 
 from __future__ import annotations
