@@ -57,9 +57,54 @@ def test_spmspv_matches_reference(isa, shape, dtype, b, sparsity, rule):
     assert_close_to_exact(got, want, exact_spmspv(x, w, kwargs))
 
 
+# The SIMD kernels are specialised per token count; 64 and more channels take them in groups.
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("b", range(1, 9))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(257, 64), (33, 129)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_spmspv_matches_reference_at_every_token_count(isa, shape, dtype, b, rule):
+    n, k = shape
+    w = sparse_weight(n, k, 0.5, dtype)
+    x = torch.randn(b, k).to(dtype)
+    kwargs = rule_kwargs(RULES[rule], k)
+    bw = BitmapWeight.from_dense(w)
+    want = reference.spmspv(x, bw.bitmap, bw.values, bw.offsets, n, **kwargs)
+    assert_close_to_exact(ops.spmspv(x, bw, **kwargs), want, exact_spmspv(x, w, kwargs))
+
+
+@pytest.mark.parametrize("b", [1, 5])
+@pytest.mark.parametrize("w_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=str)
+def test_x_and_the_weight_may_have_different_dtypes(isa, x_dtype, w_dtype, b):
+    w = sparse_weight(257, 64, 0.5, w_dtype)
+    x = torch.randn(b, 64).to(x_dtype)
+    bw = BitmapWeight.from_dense(w)
+    got = ops.spmspv(x, bw, topk_fraction=0.5)
+    assert got.dtype == x_dtype
+    want = reference.spmspv(x, bw.bitmap, bw.values, bw.offsets, 257, topk_fraction=0.5)
+    assert_close_to_exact(got, want, exact_spmspv(x, w, {"topk_fraction": 0.5}))
+    got = ops.dense_gemv(x, w)
+    assert got.dtype == x_dtype
+    assert_close_to_exact(got, reference.dense_gemv(x, w), x.double() @ w.double().t())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_topk_keeps_every_activation_tied_with_the_threshold(isa, dtype):
+    # Small integers tie often: the kernels keep every |x| equal to the token's threshold, as the
+    # reference does, so a tied token drops fewer than floor(in * p_a) entries.
+    w = sparse_weight(257, 64, 0.5, dtype)
+    x = torch.randint(-3, 4, (8, 64)).to(dtype)
+    bw = BitmapWeight.from_dense(w)
+    keep = reference.activation_keep_mask(x, topk_fraction=0.5)
+    assert (keep.sum(1) > 32).any()  # ties are present and kept
+    want = reference.spmspv(x, bw.bitmap, bw.values, bw.offsets, 257, topk_fraction=0.5)
+    assert_close_to_exact(ops.spmspv(x, bw, topk_fraction=0.5), want,
+                          exact_spmspv(x, w, {"topk_fraction": 0.5}))
+
+
 # Past 32 KiB of x in fp32 (here 2100 columns at b >= 4) the AVX2 kernel runs the tokens in
 # pairs (odd b ends with one token) over blocks of 4 rows; 37 rows leave one row outside them.
-@pytest.mark.parametrize("b", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("b", range(1, 9))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES + [(37, 2100)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_dense_gemv_matches_reference(isa, shape, dtype, b):
@@ -98,17 +143,21 @@ def test_non_finite_activations_propagate_through_non_zero_weights(isa):
                                                    topk_fraction=0.5).isnan())
 
 
-def test_a_non_finite_activation_among_many_channels_reaches_only_its_non_zero_weights(isa):
+@pytest.mark.parametrize("rule", RULES)
+def test_a_non_finite_activation_among_many_channels_reaches_only_its_non_zero_weights(isa, rule):
     # 64 channels make the kernels take channels in groups: the group holding the non-finite
-    # channel must not multiply its zero weights by it either
+    # channel must not multiply its zero weights by it either. Every rule keeps it: NaN ranks
+    # with +inf, above any threshold.
     w = sparse_weight(100, 64, 0.5, torch.float32)
     x = torch.randn(2, 64)
     x[0, 37], x[1, 5] = float("inf"), float("nan")
-    y = ops.spmspv(x, BitmapWeight.from_dense(w))
+    kwargs = rule_kwargs(RULES[rule], 64)
+    y = ops.spmspv(x, BitmapWeight.from_dense(w), **kwargs)
     for t, j in [(0, 37), (1, 5)]:
         assert torch.equal(y[t].isfinite(), w[:, j] == 0)
     finite = y.isfinite()
-    assert torch.allclose(y[finite], (x.nan_to_num(0.0, 0.0, 0.0) @ w.t())[finite], atol=1e-4)
+    kept = reference.sparsify(x, **kwargs).nan_to_num(0.0, 0.0, 0.0)
+    assert torch.allclose(y[finite], (kept @ w.t())[finite], atol=1e-4)
 
 
 @pytest.mark.parametrize("b", range(1, 9))
@@ -227,6 +276,20 @@ def test_validated_dense_path_equals_the_op(dtype):
     w = torch.randn(300, 70).to(dtype)
     x = torch.randn(3, 70).to(dtype)
     assert torch.equal(dense_gemv_validated(x, w), torch.ops.duogpt.dense_gemv(x, w))
+
+
+def test_the_ops_refuse_inputs_that_autograd_records():
+    w = sparse_weight(16, 8, 0.5, torch.float32)
+    bw = BitmapWeight.from_dense(w)
+    x = torch.randn(1, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="spmspv has no backward, but x requires grad"):
+        ops.spmspv(x, bw)
+    with pytest.raises(RuntimeError, match="dense_gemv has no backward, but x requires grad"):
+        ops.dense_gemv(x, w)
+    with pytest.raises(RuntimeError, match="dense_gemv has no backward, but w requires grad"):
+        ops.dense_gemv(x.detach(), w.requires_grad_())
+    with torch.no_grad():  # nothing recorded: the kernels run
+        assert ops.spmspv(x, bw).shape == ops.dense_gemv(x, w).shape == (1, 16)
 
 
 def test_cpu_only_build_explains_how_to_get_cuda():

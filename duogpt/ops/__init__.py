@@ -28,8 +28,8 @@ def spmspv(x: torch.Tensor, w, *, threshold: torch.Tensor | None = None,
         token are never read. NaN/Inf activations are kept and propagate through the non-zero
         weights of their channel.
 
-    Inference only: the op has no backward. `SparseLinear` runs a dense GEMM instead where
-    autograd needs x's gradient.
+    Inference only: the op has no backward, and raises RuntimeError where autograd records x (or
+    the values). `SparseLinear` runs a dense GEMM instead where autograd needs x's gradient.
     """
     return torch.ops.duogpt.spmspv(x, w.bitmap, w.values, w.offsets, w.shape[0], threshold,
                                    topk_fraction)
@@ -37,7 +37,8 @@ def spmspv(x: torch.Tensor, w, *, threshold: torch.Tensor | None = None,
 
 def dense_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`y [b, out] = x [b, in] @ w [out, in].T` with float32 accumulation, b = 1..8: the dense
-    baseline of `spmspv` (same storage dtypes, same threading)."""
+    baseline of `spmspv` (same storage dtypes, same threading). NaN/Inf in x propagate as in any
+    dense matmul (an Inf times a zero weight is NaN). Inference only, like `spmspv`."""
     return torch.ops.duogpt.dense_gemv(x, w)
 
 

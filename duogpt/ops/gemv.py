@@ -24,6 +24,16 @@ def _check_x(x: torch.Tensor, in_features: int) -> None:
             f"weight has {in_features} input channels")
 
 
+def _check_no_grad(op: str, *named: tuple[str, torch.Tensor]) -> None:
+    """Refuse inputs that autograd records: the kernels have no backward, and PyTorch would
+    otherwise return no gradient for them with only a warning."""
+    for name, t in named:
+        require(not (t.requires_grad and torch.is_grad_enabled()), lambda: f"duogpt::{op} has no "
+                f"backward, but {name} requires grad: call it under torch.no_grad() or "
+                f"torch.inference_mode(), or use the engine's modules (SparseLinear, "
+                f"DenseGemvLinear), which run a dense GEMM where autograd records", RuntimeError)
+
+
 def check_activation_rule(x: torch.Tensor, threshold: torch.Tensor | None,
                           topk_fraction: float | None) -> None:
     """The activation rule for `x [tokens, in]`: at most one of a `[in]` float32 threshold on x's
@@ -48,6 +58,7 @@ def _check_spmspv(x, bitmap, values, offsets, out_features, threshold, topk_frac
     _check_x(x, bitmap.shape[0])
     check_same_device(("x", x), ("values", values))
     check_activation_rule(x, threshold, topk_fraction)
+    _check_no_grad("spmspv", ("x", x), ("values", values))
 
 
 def _spmspv_fake(x, bitmap, values, offsets, out_features, threshold=None, topk_fraction=None):
@@ -116,6 +127,7 @@ def _check_dense(x, w) -> None:
     check_tensor(w, "w", dtypes=FLOAT_DTYPES, dim=2)
     _check_x(x, w.shape[1])
     check_same_device(("x", x), ("w", w))
+    _check_no_grad("dense_gemv", ("x", x), ("w", w))
 
 
 def _dense_fake(x, w):
