@@ -19,17 +19,30 @@ def run_both(W1, U1, P1, **rule):
     return (A, *native), (R, *ref)
 
 
+@pytest.mark.parametrize("density", [0.0, 0.5, 0.9, 1.0], ids=lambda d: f"prune{int(d * 100)}")
 @pytest.mark.parametrize("with_P", [False, True], ids=["sparsegpt", "duogpt"])
 @pytest.mark.parametrize("n, B", [(1, 1), (1, 128), (37, 5), (300, 128), (64, 200)])
-def test_mask_rule_matches_reference_bit_for_bit(n, B, with_P):
+def test_mask_rule_matches_reference_bit_for_bit(n, B, with_P, density):
     W1, U1, P1 = block_problem(n, B, with_P)
-    mask = torch.rand(n, B) < 0.5
+    mask = torch.rand(n, B) < density
     native, ref = run_both(W1, U1, P1, mask=mask)
-    for got, want in zip(native, ref):
+    for got, want in zip(native, ref):  # pruned W1, Err1 and Wpre1 (which feeds the lazy update)
         assert torch.equal(got, want)
     pruned = native[0]
     assert (pruned[mask] == 0).all() and (pruned[~mask] != 0).all()
-    assert torch.equal(native[2], ref[2])  # the pre-decision weights feed the lazy update
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_weight_stays_in_its_row(bad):
+    # Rows are independent: a NaN/Inf weight spoils the later columns of its own row only, exactly
+    # as in the reference.
+    W1, U1, P1 = block_problem(6, 16, with_P=True)
+    W1[2, 3] = bad
+    native, ref = run_both(W1, U1, P1, mask=torch.rand(6, 16) < 0.5)
+    for got, want in zip(native, ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    others = torch.arange(6) != 2
+    assert native[0][others].isfinite().all() and not native[0][2, 3:].isfinite().all()
 
 
 @pytest.mark.parametrize("with_P", [False, True], ids=["sparsegpt", "duogpt"])
