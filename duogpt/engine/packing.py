@@ -107,7 +107,8 @@ def pack_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: to
     meta = read_metadata(src)
     # Nested either way, the pack would write into the source folder, or `--overwrite` would
     # delete the source along with the folder it replaces.
-    if src.resolve().is_relative_to(Path(out).resolve()) or Path(out).resolve().is_relative_to(src.resolve()):
+    src_path, out_path = src.resolve(), Path(out).resolve()
+    if src_path.is_relative_to(out_path) or out_path.is_relative_to(src_path):
         raise ValueError(f"--out {out} is, holds or lies inside the checkpoint being packed ({src}); "
                          f"write the packed copy to a folder outside it")
     if meta.get("format") == "bitmap":
