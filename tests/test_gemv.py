@@ -206,6 +206,28 @@ def test_bad_activations_are_rejected(x, error, message):
         dense_gemv_validated(x, w)
 
 
+@pytest.mark.parametrize("args, error, message", [
+    (lambda bw: (bw.bitmap, bw.values, bw.offsets, 40), ValueError, "out_features=40 needs 2"),
+    (lambda bw: (bw.bitmap.float(), bw.values, bw.offsets, 300), TypeError, "bitmap must have dtype"),
+    (lambda bw: (bw.bitmap, bw.values.double(), bw.offsets, 300), TypeError, "values must have dtype"),
+    (lambda bw: (bw.bitmap, bw.values, bw.offsets[:-1], 300), ValueError, "offsets has"),
+], ids=["bitmap-words", "bitmap-dtype", "values-dtype", "offsets-count"])
+def test_packed_tensors_of_the_wrong_kind_or_size_are_rejected(args, error, message):
+    bw = BitmapWeight.from_dense(sparse_weight(300, 70, 0.5, torch.float16))
+    with pytest.raises(error, match=message):
+        torch.ops.duogpt.spmspv(torch.randn(2, 70, dtype=torch.float16), *args(bw))
+
+
+@pytest.mark.parametrize("w, error, message", [
+    (torch.randn(70, 40).t(), ValueError, "w must be contiguous"),
+    (torch.randn(40, 70, dtype=torch.float64), TypeError, "w must have dtype"),
+    (torch.randn(40, 70, 1), ValueError, "w must be 2-D"),
+], ids=["non-contiguous", "float64", "3-D"])
+def test_a_bad_dense_weight_is_rejected(w, error, message):
+    with pytest.raises(error, match=message):
+        ops.dense_gemv(torch.randn(2, 70), w)
+
+
 def _with_offsets(offsets, at, value):
     offsets = offsets.clone()
     offsets[at] = value

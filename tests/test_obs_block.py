@@ -85,7 +85,7 @@ def test_n_m_groups_wider_than_64_are_rejected():
         ops.obs_prune_block(W1, U1, nm=(2, 128), score_coef=torch.ones(128))
 
 
-def test_bad_factors_are_rejected():
+def test_bad_blocks_and_factors_are_rejected():
     W1, U1, _ = block_problem(4, 8, with_P=False)
     mask = torch.zeros(4, 8, dtype=torch.bool)
     with pytest.raises(ValueError, match="U1 must be"):
@@ -94,6 +94,14 @@ def test_bad_factors_are_rejected():
         ops.obs_prune_block(W1.double(), U1, mask=mask)
     with pytest.raises(ValueError, match="contiguous"):
         ops.obs_prune_block(W1, U1.t(), mask=mask)
+    with pytest.raises(ValueError, match="W1 must be contiguous"):
+        ops.obs_prune_block(torch.randn(8, 4).t(), U1, mask=mask)
+    with pytest.raises(TypeError, match="U1 must have dtype"):
+        ops.obs_prune_block(W1, U1.half(), mask=mask)
+    with pytest.raises(ValueError, match=r"P1 must be \[8, 8\]"):
+        ops.obs_prune_block(W1, U1, torch.zeros(8, 4), mask=mask)
+    with pytest.raises(ValueError, match="score_coef must have 8 entries"):
+        ops.obs_prune_block(W1, U1, nm=(2, 4), score_coef=torch.ones(4))
 
 
 @pytest.mark.parametrize("diagonal", [0.0, -1.0, float("nan"), float("inf")])
