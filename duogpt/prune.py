@@ -96,8 +96,8 @@ class PruneConfig:
             # alpha = 1 is the full correction; past it the residual terms are over-weighted.
             warnings.warn(f"alpha = {self.alpha} is above 1, the full correction toward the dense "
                           f"outputs: accuracy falls steeply past the default 0.125 (perplexity "
-                          f"2.6x higher already at alpha = 1 on SmolLM2, bench/results/cpu-alpha-smollm2-2026-11-24.md)",
-                          stacklevel=3)
+                          f"2.6x higher already at alpha = 1 on SmolLM2, "
+                          f"bench/results/cpu-alpha-smollm2-2026-11-24.md)", stacklevel=3)
 
     @property
     def weight(self) -> WeightSparsity:

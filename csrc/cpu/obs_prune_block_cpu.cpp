@@ -46,9 +46,10 @@ void obs_prune_block_cpu(float* W1, int64_t n, int64_t B, const float* U1, const
   // Every error is divided by U1's diagonal: a zero or non-finite entry would turn the rest of
   // the row into Inf/NaN without a word.
   for (int64_t i = 0; i < B; ++i) {
-    DUOGPT_CHECK(U1[i * B + i] > 0.0f && std::isfinite(U1[i * B + i]), "U1[", i, ", ", i, "] is ",
-                 U1[i * B + i], ": U1 must be an upper Cholesky factor, with a positive finite "
-                 "diagonal (damp H, e.g. a larger percdamp, if the factorisation gave this)");
+    const float d = U1[i * B + i];
+    DUOGPT_CHECK(d > 0.0f && std::isfinite(d), "U1[", i, ", ", i, "] is ", d, ": U1 must be an "
+                 "upper Cholesky factor, with a positive finite diagonal (damp H, e.g. a larger "
+                 "percdamp, if the factorisation gave this)");
   }
   const bool nm = rule.mask == nullptr;
 #pragma omp parallel for schedule(static)

@@ -74,9 +74,8 @@ def calibration_ids(source: str, tokenizer, *, nsamples: int, seqlen: int, seed:
     if source == "wikitext2":
         text = "\n\n".join(_hub_dataset(source)["text"])
         return random_windows(_tokenize(tokenizer, text), nsamples, seqlen, generator, source)
-    check_source(source)
-    return random_windows(_tokenize(tokenizer, read_text(Path(source))), nsamples, seqlen,
-                          generator, source)
+    return random_windows(_tokenize(tokenizer, _source_text(source)), nsamples, seqlen, generator,
+                          source)
 
 
 def check_source(source: str) -> None:
@@ -85,15 +84,21 @@ def check_source(source: str) -> None:
     takes minutes. A hub source is read here (`datasets` caches it, so the later read is local)."""
     if source in HUB_SOURCES:
         _hub_dataset(source)
-        return
-    if source == "self":
-        return
+    elif source != "self":
+        _source_text(source)
+
+
+def _source_text(source: str) -> str:
+    """The text of a file or folder source; ValueError, listing the alternatives, if there is
+    none."""
     path = Path(source)
     if not path.exists():
         raise ValueError(f"--calib {source!r} is neither a file, a folder, nor one of "
                          f"{', '.join(HUB_SOURCES + ('self',))}; use {_ALTERNATIVES}")
-    if not read_text(path).strip():
+    text = read_text(path)
+    if not text.strip():
         raise ValueError(f"--calib {source} holds no text; use {_ALTERNATIVES}")
+    return text
 
 
 def _text_files(path: Path) -> list[Path]:
@@ -178,13 +183,13 @@ def sample_from_model(model: nn.Module, tokenizer, nsamples: int, seqlen: int,
     """
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
-    bos = next((t for t in (getattr(tokenizer, "bos_token_id", None),
-                            getattr(tokenizer, "eos_token_id", None)) if t is not None), None)
+    first = next((t for t in (getattr(tokenizer, "bos_token_id", None),
+                              getattr(tokenizer, "eos_token_id", None)) if t is not None), None)
     out = torch.empty(nsamples, seqlen, dtype=torch.int64)
     key = cache_argument(model)
     for b0 in range(0, nsamples, batch):
         b = min(batch, nsamples - b0)
-        token = (torch.full((b, 1), bos, dtype=torch.int64) if bos is not None
+        token = (torch.full((b, 1), first, dtype=torch.int64) if first is not None
                  else torch.randint(0, vocab, (b, 1), generator=generator))
         out[b0:b0 + b, 0:1] = token
         past = None

@@ -16,7 +16,7 @@ from torch import nn
 
 from duogpt.engine.sparse_linear import autocast_input, sparse_projections
 from duogpt.ops._checks import FLOAT_DTYPES, check_tensor
-from duogpt.ops.gemv import MAX_TOKENS, dense_gemv_validated
+from duogpt.ops.gemv import MAX_TOKENS, dense_gemv_validated, records_grad
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -40,8 +40,7 @@ class DenseGemvLinear(nn.Linear):
         weight, bias = self._parameters["weight"], self._parameters["bias"]
         # The kernel has no backward: where autograd records (a trained head, x's gradient),
         # nn.Linear runs.
-        if rows.shape[0] > MAX_TOKENS or (torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (x, weight, bias))):
+        if rows.shape[0] > MAX_TOKENS or records_grad(x, weight, bias):
             return super().forward(x)
         y = dense_gemv_validated(rows.contiguous(), weight)
         if bias is not None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from duogpt.formats import BitmapWeight
 from duogpt.models import layer_map
-from duogpt.ops.gemv import MAX_TOKENS, check_activation_rule, spmspv_validated
+from duogpt.ops.gemv import MAX_TOKENS, check_activation_rule, records_grad, spmspv_validated
 from duogpt.ops.reference import sparsify
 from duogpt.sparsity import ActivationSparsity
 
@@ -134,7 +134,7 @@ class SparseLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)  # [tokens, in]
         # The kernel has no backward: where autograd needs x's gradient (adapters trained over the
         # frozen sparse model, saliency), the dense path gives it, through the kept activations.
-        if 0 < rows.shape[0] <= MAX_TOKENS and not (x.requires_grad and torch.is_grad_enabled()):
+        if 0 < rows.shape[0] <= MAX_TOKENS and not records_grad(x):
             y = spmspv_validated(rows.contiguous(), buffers["bitmap"], buffers["weight"],
                                  buffers["offsets"], self.out_features, threshold, self.topk_fraction)
             if bias is not None:

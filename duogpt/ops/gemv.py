@@ -24,11 +24,18 @@ def _check_x(x: torch.Tensor, in_features: int) -> None:
             f"weight has {in_features} input channels")
 
 
+def records_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records any of `tensors` (None skipped): grad mode is on and one of them
+    requires grad. The kernels have no backward: the engine's modules then take a dense path, and
+    the ops refuse."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _check_no_grad(op: str, *named: tuple[str, torch.Tensor]) -> None:
-    """Refuse inputs that autograd records: the kernels have no backward, and PyTorch would
-    otherwise return no gradient for them with only a warning."""
+    """Refuse inputs that autograd records: PyTorch would otherwise return no gradient for them
+    with only a warning."""
     for name, t in named:
-        require(not (t.requires_grad and torch.is_grad_enabled()), lambda: f"duogpt::{op} has no "
+        require(not records_grad(t), lambda: f"duogpt::{op} has no "
                 f"backward, but {name} requires grad: call it under torch.no_grad() or "
                 f"torch.inference_mode(), or use the engine's modules (SparseLinear, "
                 f"DenseGemvLinear), which run a dense GEMM where autograd records", RuntimeError)
