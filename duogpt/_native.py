@@ -7,12 +7,14 @@ with what to do about it, on the first call that needs the module.
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 
 import torch
 
 try:
-    from duogpt import _C
+    # Not `from duogpt import _C`: for a missing module that reports a circular import.
+    _C = importlib.import_module("duogpt._C")
     _IMPORT_ERROR: ImportError | None = None
 except ImportError as err:  # a source checkout that was never built, or a broken build
     _C = None
