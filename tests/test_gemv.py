@@ -125,6 +125,21 @@ def test_all_zero_activations_give_zeros(isa):
     assert torch.equal(y, torch.zeros(3, 100, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_spmspv_gives_the_same_bits_on_every_call_at_one_thread_count(isa, threads):
+    # The threads' slices and summation order depend only on the input and the thread count (a
+    # different count sums in another order, so its last bits may differ).
+    bw = BitmapWeight.from_dense(sparse_weight(1025, 2100, 0.5, torch.float32))
+    x = torch.randn(4, 2100)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        first = ops.spmspv(x, bw, topk_fraction=0.5)
+        assert all(torch.equal(ops.spmspv(x, bw, topk_fraction=0.5), first) for _ in range(5))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_topk_rule_drops_floor_of_in_times_fraction_per_token():
     x = torch.randn(5, 37)
     keep = reference.activation_keep_mask(x, topk_fraction=0.3)

@@ -26,7 +26,8 @@ def spmspv(x: torch.Tensor, w, *, threshold: torch.Tensor | None = None,
     Returns:
         `[b, out]` in x's dtype. Input channels whose activation is zero (or dropped) for every
         token are never read. NaN/Inf activations are kept and propagate through the non-zero
-        weights of their channel.
+        weights of their channel. Repeated calls give the same bits; on CPU the summation order
+        depends on the thread count, so the last bits may differ between counts.
 
     Inference only: the op has no backward, and raises RuntimeError where autograd records x (or
     the values). `SparseLinear` runs a dense GEMM instead where autograd needs x's gradient.
