@@ -4,6 +4,7 @@ case, exact per-block sparsity, valid N:M masks, dampening retries, and native =
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -145,13 +146,18 @@ def test_nm_masks_are_valid(method, n, m):
     assert bool((zeros_per_group == n).all())
 
 
-def test_dead_inputs_and_few_samples_give_finite_weights():
+@pytest.mark.parametrize("sparsity", [HALF, WeightSparsity.of((2, 4))], ids=["unstructured", "2:4"])
+@pytest.mark.parametrize("two_stream", [True, False], ids=["duogpt", "sparsegpt"])
+def test_dead_inputs_are_always_pruned_and_few_samples_give_finite_weights(sparsity, two_stream):
     k = 160
     X_hat, X_tilde = _streams(k, 50)  # 50 tokens < 160 inputs: H is singular before dampening
-    X_hat[:, ::9] = 0  # inputs that top-k never kept
-    result = _solve(torch.randn(32, k), X_hat, X_tilde)
+    dead = torch.zeros(k, dtype=torch.bool)
+    dead[::9] = dead[4:7] = True  # inputs that top-k never kept; three in one 2:4 group
+    X_hat[:, dead] = 0
+    result = _solve(torch.randn(32, k), X_hat, X_tilde if two_stream else None, sparsity,
+                    act_order=not sparsity.is_nm)
     assert result.weight.isfinite().all()
-    assert bool((result.weight[:, ::9] == 0).all())  # dead inputs are pruned first
+    assert bool((result.weight[:, dead] == 0).all())
 
 
 def _solver_with_hessian(H: torch.Tensor) -> OBSSolver:
@@ -174,6 +180,15 @@ def test_hopeless_hessian_names_the_fix():
     H = torch.block_diag(*[torch.tensor([[1.0, 30.0], [30.0, 1.0]])] * 32)
     with pytest.raises(ValueError, match="nsamples"):
         _solver_with_hessian(H).prune(torch.randn(8, 64))
+
+
+@pytest.mark.parametrize("stream", ["X_hat", "X_tilde"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_calibration_inputs_are_named_not_blamed_on_dampening(stream, value):
+    X_hat, X_tilde = _streams(32, 200)
+    {"X_hat": X_hat, "X_tilde": X_tilde}[stream][3, 10] = value
+    with pytest.raises(ValueError, match="NaN or Inf.*float32"):
+        _solve(torch.randn(8, 32), X_hat, X_tilde, blocksize=32)
 
 
 @pytest.mark.parametrize("sparsity", [HALF, WeightSparsity.of((2, 4))], ids=["unstructured", "2:4"])

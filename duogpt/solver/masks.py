@@ -68,8 +68,9 @@ def _check_nm(n: int, m: int) -> None:
 def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     """True at the `count` smallest entries of `scores`, compared jointly over all of them.
 
-    Exactly `count` entries are selected (ties broken by position), so a block or matrix reaches
-    its target sparsity exactly.
+    Exactly `count` entries are selected, so a block or matrix reaches its target sparsity
+    exactly. Which of tied entries are selected is unspecified (`topk`'s choice, which may differ
+    between devices); ties in practice are at score 0, between weights that are zero either way.
     """
     flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     flat[scores.flatten().topk(count, largest=False, sorted=False).indices] = True

@@ -159,10 +159,16 @@ class OBSSolver:
 
     def _factorize(self) -> Factors:
         H, Delta, a = self.H, self.Delta, self.a
+        # Checked here, not per batch: one sync per group. No dampening could fix these.
+        if not all(t.isfinite().all() for t in (H, Delta, a) if t is not None):
+            raise ValueError(f"{self.label}: the calibration inputs' statistics hold NaN or Inf (an "
+                             f"activation overflowed its dtype, or the model has non-finite "
+                             f"weights); prune in float32 (--dtype float32)")
         # Dead inputs (never non-zero in X̂) carry nothing X̂ could use: H_dd = 1 keeps H invertible
         # without coupling them, and they are always pruned (like SparseGPT, a block may exceed
-        # p_w). Their weights are not zeroed up front, so with two streams the column step still
-        # pushes their dense-stream share w_d X̃_d onto later columns (algorithm.md 6, caveat).
+        # p_w, an N:M group N). Their weights are not zeroed up front, so with two streams the
+        # column step still pushes their dense-stream share w_d X̃_d onto later columns
+        # (algorithm.md 6, caveat); a dead weight kept as well would count that share twice.
         dead = H.diagonal() == 0
         H.diagonal()[dead] = 1.0
         perm = None
@@ -210,6 +216,10 @@ class OBSSolver:
             if self.sparsity.is_nm:
                 Err1, Wpre1 = self.block_kernel(W1, U1, P1, None, self.sparsity.n, self.sparsity.m,
                                                 coef1)
+                # The rule prunes at most N dead inputs of a group (score 0). Pruning the rest
+                # afterwards is exact: U has no entries off the diagonal in a dead row or column,
+                # so their error reaches no other column.
+                W1[:, dead[i1:i2]] = 0.0
             else:
                 # Adaptive mask: the p_w fraction of lowest scores over the whole n x B block.
                 mask = lowest(W1.square() * coef1, int(W1.numel() * self.sparsity.fraction))
