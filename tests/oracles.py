@@ -42,18 +42,26 @@ def block_problem(n: int, B: int, with_P: bool):
 
 def assert_dropped_channels_are_never_read(device, n: int, k: int) -> None:
     """`ops.spmspv` on `device` never reads the weights of an input channel that no token keeps,
-    whether its activations are zero or dropped by the top-k rule: those weights are NaN here."""
+    whether its activations are zero or dropped by the top-k rule: those weights are NaN here.
+    The reference skips them too."""
+
+    def check(x, w, **rule):
+        bw = BitmapWeight.from_dense(w)
+        y = ops.spmspv(x.to(device), bw.to(device), **rule)
+        assert y.isfinite().all()
+        want = reference.spmspv(x, bw.bitmap, bw.values, bw.offsets, n, **rule)
+        torch.testing.assert_close(y.cpu(), want)
+
     w = torch.randn(n, k)
     x = torch.randn(4, k)
     x[:, ::2] = 0  # even channels are zero for every token...
     w[:, ::2] = float("nan")  # ...so their NaN weights must never be touched
     x[0, 1], x[1:, 1] = 5.0, 0.0  # channel 1 is live for one token only
-    assert ops.spmspv(x.to(device), BitmapWeight.from_dense(w).to(device)).isfinite().all()
+    check(x, w)
     drop = k // 4
     x = torch.randn(2, k)
     x = x.sign() * (x.abs() + 0.1)  # kept magnitudes >= 0.1: no ties with the dropped ones
     x[:, :drop] = 1e-3  # the smallest magnitudes of both tokens
     w = torch.randn(n, k)
     w[:, :drop] = float("nan")
-    y = ops.spmspv(x.to(device), BitmapWeight.from_dense(w).to(device), topk_fraction=drop / k)
-    assert y.isfinite().all()
+    check(x, w, topk_fraction=drop / k)

@@ -98,13 +98,15 @@ def spmspv(
 ) -> torch.Tensor:
     """`y [b, n] = sparsify(x) [b, k] @ W.T` in float32, returned in `x.dtype`.
 
-    Only non-zero weights contribute, so a non-finite activation reaches exactly the outputs whose
-    weight in its channel is non-zero (a dense matmul would also turn `inf * 0` into NaN).
+    Only what the kernels read contributes: the channels some token keeps, and in a channel with a
+    non-finite activation only the non-zero weights. So a NaN weight in a channel no token keeps
+    stays out, and a non-finite activation reaches exactly the outputs whose weight in its channel
+    is non-zero (a dense matmul would turn `inf * 0` into NaN).
     """
     xs = sparsify(x, threshold, topk_fraction).float()
     w = bitmap_unpack(bitmap, values, offsets, out_features).float()
-    finite = xs.isfinite().all(0)
-    y = xs[:, finite] @ w[:, finite].t()
+    finite, active = xs.isfinite().all(0), (xs != 0).any(0)
+    y = xs[:, finite & active] @ w[:, finite & active].t()
     for j in (~finite).nonzero().flatten().tolist():
         col = w[:, j]
         y = y + torch.where(col != 0, xs[:, j, None] * col, torch.zeros_like(col))

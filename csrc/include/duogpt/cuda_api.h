@@ -52,8 +52,8 @@ int64_t spmspv_cuda_workspace_bytes(int64_t b, int64_t k, int64_t n);
 /// @brief Bitmap spMspV, y = sparsify(x) @ W^T with float32 accumulation (see spmspv_cpu).
 /// Channels whose activation is zero (or dropped) for all b tokens are never read. Results are
 /// deterministic: partial sums per channel slice are reduced in a fixed order, no atomics.
-/// The rule's magnitude is reference.py's |x|.nan_to_num(nan=inf): NaN ranks above everything
-/// and +-inf ties with +-FLT_MAX (spmspv_cpu ranks +-inf with NaN instead).
+/// The rule's magnitude is reference.py's |x| with NaN mapped to +inf, as in spmspv_cpu: every
+/// non-finite activation ties for the largest magnitude.
 void spmspv_cuda(const void* x,            // [b, k], dtype x_dt (y has the same dtype)
                  Dtype x_dt, int64_t b, int64_t k,
                  const int32_t* bitmap,    // [k, bitmap_words(n)]
@@ -82,6 +82,8 @@ constexpr int64_t kMaxObsBlock = 256;  // the widest block obs_prune_block_cuda 
 /// @brief Prune one block in place: the solver's column loop (see obs_prune_block_cpu), bit for
 /// bit equal to duogpt/ops/reference.py::obs_prune_block (round-to-nearest intrinsics, no FMA
 /// contraction). N:M ranks NaN scores above every number, as the reference's sort does.
+/// U1's diagonal is not checked (that would wait on the GPU): where it is not positive and
+/// finite, that column's errors are non-finite, where obs_prune_block_cpu throws.
 void obs_prune_block_cuda(float* W1,         // [n, B] fp32, in: block weights, out: pruned block
                           int64_t n, int64_t B,  // 1 <= B <= kMaxObsBlock
                           const float* U1,   // [B, B] fp32, upper Cholesky factor of H^-1 block

@@ -21,7 +21,8 @@ void check_obs_block(int64_t n, int64_t B, const BlockPruneRule& rule);
 /// @brief Prune one block in place. For each column i, with w = W1[:, i] before its decision:
 ///   q = w with pruned entries zeroed; e = (w - q) / U1[i, i];
 ///   W1[:, i] = q;  W1[:, j] -= e * U1[i, j] - w * P1[i, j]   for j > i.
-/// Rows are independent and run in parallel.
+/// Rows are independent and run in parallel. Throws ArgumentError, before touching W1, unless
+/// U1's diagonal is positive and finite.
 void obs_prune_block_cpu(float* W1,         // [n, B] fp32, in: block weights, out: pruned block
                          int64_t n, int64_t B,
                          const float* U1,   // [B, B] fp32, upper Cholesky factor of H^-1 block
