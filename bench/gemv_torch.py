@@ -13,6 +13,7 @@ shape and b. Prints a table, then the results as JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -31,6 +32,11 @@ ACTIVATION_SETS = 16
 
 def copies_for(nbytes: int) -> int:
     return max(2, math.ceil(ROTATE_BYTES / nbytes))
+
+
+def rotating(fn, xs: list, ws: list):
+    """`(call, len(ws))`: call `i` runs `fn(xs[i % len(xs)], ws[i % len(ws)])`."""
+    return (lambda i: fn(xs[i % len(xs)], ws[i % len(ws)])), len(ws)
 
 
 def time_calls(fn, warmup: int, min_reps: int, max_reps: int, min_seconds: float) -> list[float]:
@@ -53,8 +59,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few repetitions (smoke test)")
     parser.add_argument("--json", help="also write the JSON results to this file")
     args = parser.parse_args()
-    reps = dict(min_reps=5, max_reps=20, min_seconds=0.0) if args.quick else \
-        dict(min_reps=50, max_reps=1000, min_seconds=0.5)
+    reps = {"min_reps": 5, "max_reps": 20, "min_seconds": 0.0} if args.quick else \
+        {"min_reps": 50, "max_reps": 1000, "min_seconds": 0.5}
     torch.manual_seed(0)
     C = duogpt._native.lib()
     rows, results = [], []
@@ -74,15 +80,13 @@ def main() -> None:
             xs = [torch.randn(b, k).half() for _ in range(ACTIVATION_SETS)]
             xs32 = [x.float() for x in xs]
             cases = {
-                ("dense_gemv fp16", 0.0): (lambda i: ops.dense_gemv(xs[i % ACTIVATION_SETS], dense16[i % len(dense16)]), len(dense16)),
-                ("torch x@W.T fp16", 0.0): (lambda i: xs[i % ACTIVATION_SETS] @ dense16[i % len(dense16)].t(), len(dense16)),
-                ("torch x@W.T fp32", 0.0): (lambda i: xs32[i % ACTIVATION_SETS] @ dense32[i % len(dense32)].t(), len(dense32)),
+                ("dense_gemv fp16", 0.0): rotating(ops.dense_gemv, xs, dense16),
+                ("torch x@W.T fp16", 0.0): rotating(torch.matmul, xs, [w.t() for w in dense16]),
+                ("torch x@W.T fp32", 0.0): rotating(torch.matmul, xs32, [w.t() for w in dense32]),
+                ("spmspv fp16", 0.0): rotating(ops.spmspv, xs, sparse_w),
+                ("spmspv fp16", 0.5): rotating(functools.partial(ops.spmspv, topk_fraction=0.5), xs,
+                                               sparse_w),
             }
-            for act in (0.0, 0.5):
-                topk = act if act > 0 else None
-                cases[("spmspv fp16", act)] = (
-                    lambda i, topk=topk: ops.spmspv(xs[i % ACTIVATION_SETS], sparse_w[i % len(sparse_w)], topk_fraction=topk),
-                    len(sparse_w))
             with torch.inference_mode():
                 want = ops.dense_gemv(xs[0], w16).float()
                 got = ops.spmspv(xs[0], packed).float()

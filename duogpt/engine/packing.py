@@ -65,7 +65,7 @@ def _pack_file(src: Path, dst: Path, dtype: torch.dtype | None,
     out: dict[str, torch.Tensor] = {}
     packed_bytes = dense_bytes = 0
     with safe_open(str(src), "pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             tensor = f.get_tensor(key)
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)

@@ -63,7 +63,7 @@ def _header(checkpoint_files: list[str]) -> dict[str, tuple[tuple[int, ...], tor
     header = {}
     for file in checkpoint_files:
         with safe_open(file, "pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 view = f.get_slice(key)
                 header[key] = (tuple(view.get_shape()), _SAFETENSORS_DTYPES.get(view.get_dtype()))
     return header

@@ -75,15 +75,17 @@ def layer_map(model: nn.Module) -> LayerMap:
         inner = model.get_submodule("model")
         lm = LayerMap(inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb,
                       model.get_submodule("lm_head"))
-        for name, lin in lm.projections(0).items():
-            if not isinstance(lin, nn.Linear):
-                raise AttributeError(f"{name} is a {type(lin).__name__}, not nn.Linear")
+        problem = next((f"{name} is a {type(lin).__name__}, not nn.Linear"
+                        for name, lin in lm.projections(0).items() if not isinstance(lin, nn.Linear)),
+                       None)
     except AttributeError as err:
+        problem = str(err)
+    if problem is not None:
         raise ValueError(
             f"model type {model_type!r} does not have the LLaMA decoder layout duogpt prunes "
             f"(model.embed_tokens, model.layers[i].self_attn.{{q,k,v,o}}_proj, "
-            f"mlp.{{gate,up,down}}_proj, model.norm, model.rotary_emb, lm_head): {err}. "
+            f"mlp.{{gate,up,down}}_proj, model.norm, model.rotary_emb, lm_head): {problem}. "
             f"Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}."
-        ) from None
+        )
     return lm
 

@@ -31,8 +31,9 @@ def check_same_device(*named: tuple[str, torch.Tensor | None]) -> None:
     present = [(n, t) for n, t in named if t is not None]
     first_name, first = present[0]
     for n, t in present[1:]:
-        require(t.device == first.device, lambda: f"{n} is on {t.device} but "
-                f"{first_name} is on {first.device}; move them to one device")
+        if t.device != first.device:
+            raise ValueError(f"{n} is on {t.device} but {first_name} is on {first.device}; move "
+                             f"them to one device")
 
 
 def check_fraction(p: float | None, name: str) -> None:

@@ -35,10 +35,11 @@ def _check_no_grad(op: str, *named: tuple[str, torch.Tensor]) -> None:
     """Refuse inputs that autograd records: PyTorch would otherwise return no gradient for them
     with only a warning."""
     for name, t in named:
-        require(not records_grad(t), lambda: f"duogpt::{op} has no "
-                f"backward, but {name} requires grad: call it under torch.no_grad() or "
-                f"torch.inference_mode(), or use the engine's modules (SparseLinear, "
-                f"DenseGemvLinear), which run a dense GEMM where autograd records", RuntimeError)
+        if records_grad(t):
+            raise RuntimeError(f"duogpt::{op} has no backward, but {name} requires grad: call it "
+                               f"under torch.no_grad() or torch.inference_mode(), or use the "
+                               f"engine's modules (SparseLinear, DenseGemvLinear), which run a "
+                               f"dense GEMM where autograd records")
 
 
 def check_activation_rule(x: torch.Tensor, threshold: torch.Tensor | None,

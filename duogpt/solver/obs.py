@@ -125,7 +125,7 @@ class OBSSolver:
         self.columns, self.sparsity = columns, sparsity
         self.alpha, self.percdamp, self.blocksize, self.act_order = alpha, percdamp, blocksize, act_order
         self.label, self.block_kernel = label, block_kernel
-        zeros = dict(dtype=torch.float32, device=device)
+        zeros = {"dtype": torch.float32, "device": device}
         self.H = torch.zeros(columns, columns, **zeros)
         self.Delta = torch.zeros(columns, columns, **zeros) if two_stream else None
         self.a = torch.zeros(columns, **zeros) if two_stream else None
