@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +43,16 @@ def replace_atomically(path: str | os.PathLike, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def new_folder_beside(path: Path) -> Path:
+    """A new empty folder `.{name}.tmp-XXXXXXXX` beside `path`, made with the umask's permissions:
+    `tempfile.mkdtemp`'s are 0700, which the final rename would carry to the output."""
+    while True:
+        folder = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir()
+            return folder
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `out_dir`; on success it replaces `out_dir`.
@@ -62,7 +72,7 @@ def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
             raise FileExistsError(f"{out} is not a duogpt checkpoint (it has no {METADATA_FILE}), "
                                   f"so --overwrite does not replace it; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = new_folder_beside(out)
     retired = staging.with_name(staging.name + "-old")
     try:
         yield staging
@@ -90,6 +100,14 @@ def reading_weights(path: str | os.PathLike) -> Iterator[None]:
                          f"truncated or corrupted") from None
 
 
+def read_json(file: Path):
+    """The content of a JSON file; one that is not JSON raises a ValueError that names it."""
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); the file is corrupted") from None
+
+
 def write_metadata(folder: Path, metadata: dict, sparsity: ActivationSparsity) -> None:
     """Write `duogpt.json` (and the thresholds file for the threshold rule) into `folder`."""
     meta = dict(metadata, format_version=FORMAT_VERSION,
@@ -105,19 +123,22 @@ def read_metadata(path: str | os.PathLike) -> dict:
     """`duogpt.json` of a checkpoint folder.
 
     Raises:
-        ValueError: the folder has no duogpt.json, or one of an unknown format version.
+        ValueError: the folder has no duogpt.json, or one that is not JSON, of an unknown format
+            version, or without its activation rule.
     """
     file = Path(path) / METADATA_FILE
     if not file.is_file():
         raise ValueError(f"{path} has no {METADATA_FILE}: it is not a duogpt checkpoint "
                          f"(create one with `duogpt prune`)")
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON ({err}); the checkpoint is corrupted") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file} has format_version {meta.get('format_version')}; this duogpt "
-                         f"reads version {FORMAT_VERSION}")
+    meta = read_json(file)
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{file} has format_version {version}; this duogpt reads version "
+                         f"{FORMAT_VERSION}")
+    rule = meta.get("activation_sparsity")
+    if not (isinstance(rule, dict) and {"fraction", "rule"} <= rule.keys()):
+        raise ValueError(f"{file} has no activation_sparsity {{fraction, rule}}; the checkpoint is "
+                         f"corrupted, re-create it with `duogpt prune`")
     return meta
 
 
@@ -127,7 +148,9 @@ def read_activation_sparsity(path: str | os.PathLike, metadata: dict | None = No
     spec = meta["activation_sparsity"]
     thresholds = {}
     if spec.get("thresholds_file"):
-        thresholds = load_file(str(Path(path) / spec["thresholds_file"]))
+        file = Path(path) / spec["thresholds_file"]
+        with reading_weights(file):
+            thresholds = load_file(str(file))
     sparsity = ActivationSparsity(fraction=spec["fraction"], rule=spec["rule"], thresholds=thresholds)
     if sparsity.rule == "threshold" and sparsity.active and not thresholds:
         raise ValueError(f"{path}: duogpt.json sets the threshold rule but names no thresholds "

@@ -100,15 +100,15 @@ def _add_prune(sub) -> None:
     _flag(p, "--blocksize", type=_int_at_least(1), default=d.blocksize)
     _flag(p, "--act-order", action=argparse.BooleanOptionalAction,
           help="process columns by descending diag(H) (default: on, off for N:M)")
-    _flag(p, "--device", type=_device, choices=("cpu", "cuda"), help="where layers are pruned "
-          "(default: cuda if available)")
+    _flag(p, "--device", type=_device, help="where layers are pruned: cpu or cuda[:N] (default: "
+          "cuda if available)")
     _flag(p, "--dtype", choices=_DTYPES, default="float32", help="dtype the model is loaded and saved in")
     _flag(p, "--ppl", help="perplexity on CPU before (dense) and after pruning (with the activation "
           "rule): wikitext2 (default, if the local text is found: $DUOGPT_DATA, or shared/data beside "
           "an editable install's checkout) | a text FILE | none")
     _flag(p, "--ppl-windows", type=_int_at_least(1), default=8,
           help="perplexity windows at most (default %(default)s)")
-    _flag(p, "--ppl-seqlen", type=_int_at_least(1), default=512,
+    _flag(p, "--ppl-seqlen", type=_int_at_least(2), default=512,
           help="tokens per perplexity window (default %(default)s)")
     _flag(p, "--resume", action="store_true", help="continue an interrupted run into the same --out")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
@@ -135,7 +135,7 @@ def _prune_ppl_source(args) -> str | None:
         raise ValueError("--ppl self is a `duogpt eval` option; prune takes wikitext2, a text file or none")
     if dataset != "wikitext2" and not Path(dataset).is_file():
         raise ValueError(f"--ppl {dataset!r} is neither wikitext2, a text file, nor none")
-    eval_text_file(dataset)
+    eval_text_file(dataset, instead="--ppl FILE or --ppl none")
     return dataset
 
 
@@ -156,7 +156,7 @@ def _run_prune(args) -> int:
 
     out = Path(args.out)
     work = out.parent / f".{out.name}.partial"
-    if out.exists():
+    if out.exists() or out.is_symlink():  # a dangling link too: the save would refuse it
         raise FileExistsError(f"{out} already exists; choose another --out or remove it first")
     if work.exists() and any(work.iterdir()) and not args.resume:
         raise ValueError(f"an interrupted run left {work}; add --resume to continue it, or remove "
@@ -285,7 +285,7 @@ def _add_eval(sub) -> None:
     p.add_argument("model", help="a duogpt checkpoint folder, a Hugging Face folder or hub id, or smollm2-135m")
     _flag(p, "--ppl", default="wikitext2",
           help="wikitext2 | c4 | FILE | self (fidelity on text sampled from the dense model) | none")
-    _flag(p, "--seqlen", type=_int_at_least(1), default=2048,
+    _flag(p, "--seqlen", type=_int_at_least(2), default=2048,
           help="tokens per window (state it with results)")
     _flag(p, "--max-windows", type=_int_at_least(1),
           help="at most K windows (for self: K sampled sequences, default 4)")

@@ -31,7 +31,7 @@ from duogpt.engine.sparse_linear import sparse_projections
 from duogpt.models import layer_map
 from duogpt.models.adapters import warn_past_context
 from duogpt.solver.masks import WeightSparsity
-from duogpt.solver.resume import LayerStore
+from duogpt.solver.resume import LayerStore, weights_fingerprint
 from duogpt.solver.sequential import Pipeline
 from duogpt.sparsity import ActivationSparsity
 
@@ -89,6 +89,8 @@ class PruneConfig:
         for name in ("blocksize", "nsamples", "seqlen"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**64:  # torch's generators take an unsigned 64-bit seed
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         if not (0 <= self.alpha < math.inf and 0 < self.percdamp < math.inf):
             raise ValueError(f"need a finite alpha >= 0 and percdamp > 0, got {self.alpha} and "
                              f"{self.percdamp}")
@@ -219,7 +221,8 @@ def prune(model: nn.Module, tokenizer, calib: str | torch.Tensor = "c4",
     store = None
     if work_dir is not None:
         store = LayerStore(work_dir, {"config": dataclasses.asdict(config), "calibration": calibration,
-                                      "model": model.config.to_dict()})
+                                      "model": model.config.to_dict(),
+                                      "weights": weights_fingerprint(model)})
     result = Pipeline(model, config, input_ids, store=store, progress=progress).run()
     sparsity = ActivationSparsity(config.activation_sparsity, config.activation_rule,
                                   result.thresholds)

@@ -316,6 +316,35 @@ def test_save_packed_equals_pack_of_saved(tiny, tmp_path):
     assert not any(p.name.startswith(".duogpt-dense") for p in tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("shard_size", ["10MB", "60KB"], ids=["one-shard-with-index", "shards"])
+def test_sharded_checkpoint_keeps_its_shards_and_index(tiny, tmp_path, shard_size):
+    model, tokenizer, _, _ = tiny
+    dense = tmp_path / "dense"
+    model.save_pretrained(dense, max_shard_size=shard_size)
+    if not (dense / "model.safetensors.index.json").exists():  # as other tools write one shard
+        (dense / "model.safetensors").rename(dense / "model-00001-of-00001.safetensors")
+        keys = load_file(dense / "model-00001-of-00001.safetensors").keys()
+        (dense / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": dict.fromkeys(keys, "model-00001-of-00001.safetensors")}))
+    tokenizer.save_pretrained(dense)
+    duogpt.checkpoint.write_metadata(dense, METADATA, TOPK)
+    packed = pack_checkpoint(dense, tmp_path / "packed")
+    index = json.loads((packed / "model.safetensors.index.json").read_text())
+    assert {"model.layers.0.mlp.up_proj.bitmap", "model.embed_tokens.weight"} <= index["weight_map"].keys()
+    assert all((packed / name).is_file() for name in index["weight_map"].values())
+    assert_matches_masked_dense(duogpt.load(packed), model, TOPK, torch.randint(0, 300, (1, 5)))
+
+
+def test_a_corrupted_config_json_is_named(tiny, tmp_path):
+    _, _, dense, _ = tiny
+    broken = tmp_path / "broken"
+    shutil.copytree(dense, broken)
+    (broken / "config.json").write_text("garbage")
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        pack_checkpoint(broken, tmp_path / "packed")
+    assert not (tmp_path / "packed").exists()
+
+
 def test_pack_casts_storage_dtype(tiny, tmp_path):
     _, _, dense, _ = tiny
     packed = pack_checkpoint(dense, tmp_path / "bf16", dtype=torch.bfloat16)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import random
 import sys
 import types
@@ -13,12 +14,21 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import duogpt
 from duogpt.calibration import calibration_ids
-from duogpt.checkpoint import read_activation_sparsity, read_metadata, replace_atomically, save_pruned
-from duogpt.cli import main
+from duogpt.calibration.data import _c4_windows
+from duogpt.checkpoint import (
+    THRESHOLDS_FILE,
+    atomic_folder,
+    read_activation_sparsity,
+    read_metadata,
+    replace_atomically,
+    save_pruned,
+)
+from duogpt.cli import build_parser, main
 from duogpt.eval import perplexity
 from duogpt.models import layer_map
 from duogpt.prune import PruneConfig
@@ -144,6 +154,24 @@ def test_perplexity_text_must_exist(tiny, tmp_path, capsys):
     assert not (tmp_path / "pruned").exists()
 
 
+def test_perplexity_text_shorter_than_a_window_is_named_not_the_calibration_flag(tiny, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join(WORDS[:50]))
+    assert _prune_cli(tiny, tmp_path / "pruned", "--ppl", str(short), "--ppl-seqlen", "64") == 2
+    err = capsys.readouterr().err
+    assert "short.txt: 50 tokens make no window of 64" in err and "--seqlen" not in err
+    with pytest.raises(SystemExit):  # one token predicts nothing: refused before any work
+        _prune_cli(tiny, tmp_path / "pruned", "--ppl-seqlen", "1")
+    assert "--ppl_seqlen: must be at least 2" in capsys.readouterr().err
+
+
+def test_missing_wikitext2_names_what_prune_accepts_instead(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DUOGPT_DATA", str(tmp_path))
+    assert _prune_cli(tiny, tmp_path / "pruned", "--ppl", "wikitext2") == 2
+    err = capsys.readouterr().err
+    assert "--ppl FILE or --ppl none" in err and "self" not in err
+
+
 def test_half_precision_model_keeps_its_dtype_and_exact_zeros():
     model, ids = _tiny_model().to(torch.bfloat16), torch.randint(3, len(WORDS) + 3, (8, 32))
     duogpt.prune(model, None, ids, device="cpu", progress=False)
@@ -162,6 +190,21 @@ def test_text_folder_calibration_is_seeded(tmp_path):
     assert not torch.equal(first, calibration_ids(str(tmp_path), tokenizer, nsamples=5, seqlen=40, seed=4))
     with pytest.raises(ValueError, match="fewer than one window"):
         calibration_ids(str(tmp_path), tokenizer, nsamples=1, seqlen=10_000, seed=0)
+
+
+def test_overlapping_calibration_windows_are_warned_about(tmp_path, caplog):
+    (tmp_path / "short.txt").write_text(" ".join(WORDS[:100]))
+    calibration_ids(str(tmp_path / "short.txt"), _tiny_tokenizer(), nsamples=2, seqlen=50, seed=0)
+    assert not caplog.records
+    calibration_ids(str(tmp_path / "short.txt"), _tiny_tokenizer(), nsamples=3, seqlen=50, seed=0)
+    assert "has 100 tokens, fewer than the 3 x 50 of the windows" in caplog.text
+
+
+def test_c4_sampling_ends_where_no_document_is_long_enough():
+    documents = [{"text": " ".join(WORDS[:20])}] * 50
+    with pytest.raises(ValueError, match="lower --seqlen"):
+        _c4_windows(documents, _tiny_tokenizer(), 2, 32, torch.Generator().manual_seed(0))
+    assert _c4_windows(documents, _tiny_tokenizer(), 2, 16, torch.Generator().manual_seed(0)).shape == (2, 16)
 
 
 def test_threshold_rule_stores_calibrated_thresholds(tiny, tmp_path):
@@ -216,6 +259,54 @@ def test_interrupted_run_resumes_from_the_last_finished_layer(monkeypatch, tmp_p
     with pytest.raises(ValueError, match="other settings"):
         duogpt.prune(_tiny_model(), None, ids, config, work_dir=tmp_path / "work", alpha=0.25,
                      progress=False)
+
+
+def test_resume_refuses_a_model_whose_weights_changed(tmp_path):
+    ids, config = torch.randint(3, len(WORDS) + 3, (8, 32)), PruneConfig(device="cpu")
+    store = tmp_path / "work"
+    duogpt.prune(_tiny_model(), None, ids, config, work_dir=store, progress=False)
+    retrained = _tiny_model()
+    with torch.no_grad():
+        retrained.model.layers[1].mlp.down_proj.weight.mul_(2)
+    with pytest.raises(ValueError, match=r"\(weights differ\)"):
+        duogpt.prune(retrained, None, ids, config, work_dir=store, progress=False)
+
+
+@pytest.mark.parametrize("progress, problem", [
+    ("{}", "lacks the run's settings and layers"), ("[1]", "lacks the run's settings and layers"),
+    ("garbage", "progress.json is not valid JSON"),
+])
+def test_a_damaged_progress_file_is_named(tmp_path, progress, problem):
+    (tmp_path / "progress.json").write_text(progress)
+    with pytest.raises(ValueError, match=problem):
+        LayerStore(tmp_path, {"config": {}})
+
+
+def test_a_truncated_layer_file_is_named_on_resume(tmp_path):
+    store = LayerStore(tmp_path, {"config": {}})
+    store.save(0, {"w": torch.ones(64, 64)}, {}, {})
+    file = tmp_path / "layer-00000.safetensors"
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(ValueError, match="layer-00000.safetensors: a safetensors file cannot be read"):
+        LayerStore(tmp_path, {"config": {}}).load(0)
+
+
+def test_a_dangling_symlink_as_out_is_refused_before_pruning(tiny, tmp_path, capsys):
+    (tmp_path / "pruned").symlink_to(tmp_path / "nowhere")
+    assert _prune_cli(tiny, tmp_path / "pruned") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert not (tmp_path / ".pruned.partial").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=oct)
+def test_output_folders_get_the_umask_permissions(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        with atomic_folder(tmp_path / "out") as staging:
+            (staging / "file").write_text("")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_cli_refuses_a_leftover_partial_run_without_resume(tiny, tmp_path, capsys):
@@ -336,6 +427,16 @@ def test_bad_settings_are_refused():
     for alpha, percdamp in ((math.inf, 0.01), (-0.1, 0.01), (0.125, math.inf), (0.125, 0.0)):
         with pytest.raises(ValueError, match="finite alpha >= 0 and percdamp > 0"):
             PruneConfig(alpha=alpha, percdamp=percdamp)
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
+            PruneConfig(seed=seed)
+
+
+def test_prune_takes_a_cuda_device_index(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = build_parser().parse_args(["prune", "--out", "x", "--device", "cuda:1"])
+    assert args.device == "cuda:1"
 
 
 def test_an_alpha_above_full_correction_warns():
@@ -347,10 +448,25 @@ def test_an_alpha_above_full_correction_warns():
         PruneConfig(method="sparsegpt", alpha=2.0, device="cpu")  # alpha is DuoGPT's alone
 
 
-def test_a_duogpt_json_that_is_not_json_is_named(tmp_path):
-    (tmp_path / "duogpt.json").write_text("{'method': 'duogpt'}")
-    with pytest.raises(ValueError, match="duogpt.json is not valid JSON"):
+@pytest.mark.parametrize("text, problem", [
+    ("{'method': 'duogpt'}", "duogpt.json is not valid JSON"),
+    ("[1]", "duogpt.json has format_version None"),
+    ('{"format_version": 1}', "duogpt.json has no activation_sparsity"),
+    ('{"format_version": 1, "activation_sparsity": 0.5}', "duogpt.json has no activation_sparsity"),
+])
+def test_a_damaged_duogpt_json_is_named(tmp_path, text, problem):
+    (tmp_path / "duogpt.json").write_text(text)
+    with pytest.raises(ValueError, match=problem):
         read_metadata(tmp_path)
+
+
+def test_a_truncated_thresholds_file_is_named(tmp_path):
+    save_file({"p": torch.ones(8)}, tmp_path / THRESHOLDS_FILE)
+    (tmp_path / THRESHOLDS_FILE).write_bytes((tmp_path / THRESHOLDS_FILE).read_bytes()[:40])
+    meta = {"format_version": 1, "activation_sparsity": {"fraction": 0.5, "rule": "threshold",
+                                                          "thresholds_file": THRESHOLDS_FILE}}
+    with pytest.raises(ValueError, match="thresholds.safetensors: a safetensors file cannot be read"):
+        read_activation_sparsity(tmp_path, meta)
 
 
 @pytest.mark.parametrize("pair, message", [

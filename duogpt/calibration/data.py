@@ -9,6 +9,7 @@ random offsets; every source returns the same `[nsamples, seqlen]` int64 tensor.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
@@ -20,6 +21,10 @@ HUB_SOURCES = ("c4", "wikitext2")
 _ALTERNATIVES = ("a local text file or a folder of .txt files (--calib PATH), or 'self' "
                  "(sequences sampled from the model itself)")
 _C4_SHARD = "en/c4-train.00000-of-01024.json.gz"  # the shard SparseGPT, Wanda and GPTAQ sample
+# Documents drawn per C4 window at most: SparseGPT draws until one is longer than seqlen, which
+# never ends where none is; a thousand draws per window still find rare long documents.
+_C4_DRAWS_PER_WINDOW = 1000
+_log = logging.getLogger(__name__)
 
 
 def describe(source: str, input_ids: torch.Tensor, seed: int) -> dict:
@@ -133,6 +138,10 @@ def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, generator: 
     if tokens.numel() < seqlen:
         raise ValueError(f"--calib {source} has {tokens.numel()} tokens, fewer than one window of "
                          f"--seqlen {seqlen}; lower --seqlen or give more text")
+    if tokens.numel() < nsamples * seqlen:
+        _log.warning("--calib %s has %d tokens, fewer than the %d x %d of the windows: they overlap, "
+                     "so the calibration sees repeated text; give more text or fewer samples",
+                     source, tokens.numel(), nsamples, seqlen)
     starts = torch.randint(0, tokens.numel() - seqlen + 1, (nsamples,), generator=generator)
     return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
 
@@ -161,13 +170,23 @@ def _hub_dataset(source: str):
 
 def _c4_windows(dataset, tokenizer, nsamples: int, seqlen: int,
                 generator: torch.Generator) -> torch.Tensor:
-    """SparseGPT's C4 sampling: a random document longer than `seqlen`, then a random window."""
+    """SparseGPT's C4 sampling: a random document longer than `seqlen`, then a random window.
+
+    Raises:
+        ValueError: fewer than one in `_C4_DRAWS_PER_WINDOW` drawn documents is long enough.
+    """
     windows = []
-    while len(windows) < nsamples:
+    for _ in range(_C4_DRAWS_PER_WINDOW * nsamples):
+        if len(windows) == nsamples:
+            break
         doc = int(torch.randint(0, len(dataset), (1,), generator=generator))
         tokens = _tokenize(tokenizer, dataset[doc]["text"])
         if tokens.numel() > seqlen:
             windows.append(random_windows(tokens, 1, seqlen, generator, "c4")[0])
+    if len(windows) < nsamples:
+        raise ValueError(f"--calib c4: {len(windows)} of {_C4_DRAWS_PER_WINDOW * nsamples} documents "
+                         f"drawn were longer than --seqlen {seqlen} tokens, {nsamples} were needed; "
+                         f"lower --seqlen")
     return torch.stack(windows)
 
 

@@ -25,6 +25,7 @@ from duogpt.checkpoint import (
     THRESHOLDS_FILE,
     atomic_folder,
     read_activation_sparsity,
+    read_json,
     read_metadata,
     reading_weights,
     save_pruned,
@@ -51,7 +52,7 @@ def quantization_config(sparsity: ActivationSparsity) -> dict:
 def weight_files(folder: Path) -> list[str]:
     """Names of the safetensors files of a checkpoint folder (sharded or not)."""
     if (folder / INDEX_FILE).is_file():
-        return sorted(set(json.loads((folder / INDEX_FILE).read_text())["weight_map"].values()))
+        return sorted(set(read_json(folder / INDEX_FILE)["weight_map"].values()))
     if (folder / "model.safetensors").is_file():
         return ["model.safetensors"]
     raise ValueError(f"{folder} has no model.safetensors (nor {INDEX_FILE}); duogpt reads "
@@ -115,7 +116,7 @@ def pack_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: to
         raise ValueError(f"{src} is already packed (duogpt.json format 'bitmap')")
     sparsity = read_activation_sparsity(src, meta)
     files = weight_files(src)
-    config = json.loads((src / CONFIG_FILE).read_text())
+    config = read_json(src / CONFIG_FILE)
     rewritten = {CONFIG_FILE, METADATA_FILE, THRESHOLDS_FILE, INDEX_FILE, *files}
     with atomic_folder(out, overwrite=overwrite) as staging:
         for item in src.iterdir():
@@ -130,8 +131,8 @@ def pack_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: to
         if packed_bytes == 0:
             raise ValueError(f"{src} holds no projection weights named model.layers.N.<proj>.weight "
                              f"for <proj> in {', '.join(PROJECTIONS)}")
-        if len(files) > 1:
-            index = json.loads((src / INDEX_FILE).read_text())
+        if (src / INDEX_FILE).is_file():
+            index = read_json(src / INDEX_FILE)
             index["weight_map"] = weight_map
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         config["quantization_config"] = quantization_config(sparsity)

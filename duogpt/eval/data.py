@@ -31,9 +31,9 @@ def wikitext2_path() -> Path | None:
     return folder / WIKITEXT2 if folder is not None and (folder / WIKITEXT2).is_file() else None
 
 
-def eval_text_file(source: str) -> Path:
+def eval_text_file(source: str, instead: str = "--ppl FILE or --ppl self") -> Path:
     """The file behind `wikitext2`, `c4` or a text file path, without reading it (callers check
-    before loading a model).
+    before loading a model). `instead` names the calling command's other choices for WikiText-2.
 
     Raises:
         ValueError: the named set is not available offline, or the file does not exist.
@@ -42,7 +42,7 @@ def eval_text_file(source: str) -> Path:
         path = wikitext2_path()
         if path is None:
             raise ValueError(f"WikiText-2 test text not found: set DUOGPT_DATA to a folder holding "
-                             f"{WIKITEXT2}, or pass a text file (--ppl FILE) or --ppl self")
+                             f"{WIKITEXT2}, or pass {instead}")
         return path
     if source == "c4":
         raise ValueError("C4 needs a dataset hub, which duogpt does not use; save C4 validation text "

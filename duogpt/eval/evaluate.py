@@ -63,7 +63,11 @@ class PerplexityText:
         """
         text, source = eval_text(dataset)
         ids = tokenize(tokenizer, text)
-        return cls(dataset, source, ids, seqlen, num_windows(ids.shape[1], seqlen, max_windows))
+        try:
+            windows = num_windows(ids.shape[1], seqlen, max_windows)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+        return cls(dataset, source, ids, seqlen, windows)
 
     def score(self, model: nn.Module) -> float:
         """Perplexity of `model` over the windows (the activation rule is the caller's business)."""

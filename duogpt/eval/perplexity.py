@@ -27,7 +27,7 @@ def num_windows(tokens: int, seqlen: int, max_windows: int | None = None) -> int
                          f"max_windows {max_windows}")
     n = tokens // seqlen
     if n < 1:
-        raise ValueError(f"{tokens} tokens make no window of {seqlen}; lower --seqlen or use more text")
+        raise ValueError(f"{tokens} tokens make no window of {seqlen}; use shorter windows or more text")
     return n if max_windows is None else min(n, max_windows)
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from duogpt.checkpoint import new_folder_beside
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -57,12 +58,16 @@ def _smollm2_folder() -> Path:
     model = LlamaForCausalLM(config)
     model.load_state_dict(quantized.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    staging = new_folder_beside(target)
     try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         staging.rename(target)
-    except OSError:  # another process finished first: keep its copy
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        # Another process finished first: keep its copy.
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 

@@ -8,6 +8,7 @@ lists it; both files are replaced atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from duogpt.checkpoint import replace_atomically
+from duogpt.checkpoint import read_json, reading_weights, replace_atomically
 
 PROGRESS_FILE = "progress.json"
 _THRESHOLD = "threshold:"
@@ -31,6 +32,19 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif x != y:
             keys.append(prefix + k)
     return keys
+
+
+def weights_fingerprint(model: torch.nn.Module, edge: int = 1024) -> str:
+    """sha256 over each parameter's name, dtype, shape and first and last `edge` values: tells
+    apart two models of one config (a run resumes only on the model it started with) without
+    reading every weight of a large model."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        digest.update(f"{name} {p.dtype} {tuple(p.shape)}".encode())
+        for part in (flat[:edge], flat[-edge:]):
+            digest.update(part.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class LayerStore:
@@ -49,7 +63,10 @@ class LayerStore:
         progress = self.folder / PROGRESS_FILE
         self.layers: dict[str, dict] = {}
         if progress.exists():
-            saved = json.loads(progress.read_text())
+            saved = read_json(progress)
+            if not (isinstance(saved, dict) and {"settings", "layers"} <= saved.keys()):
+                raise ValueError(f"{progress} lacks the run's settings and layers; the folder is "
+                                 f"damaged: remove {self.folder} to start over")
             if saved["settings"] != self.settings:
                 changed = _differences(self.settings, saved["settings"])
                 raise ValueError(f"{self.folder} holds a run with other settings ({', '.join(changed)} "
@@ -64,7 +81,9 @@ class LayerStore:
 
     def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
         """`(weights, thresholds, reports)` of a finished layer, keyed by full parameter/module name."""
-        tensors = load_file(str(self.folder / f"layer-{index:05d}.safetensors"))
+        file = self.folder / f"layer-{index:05d}.safetensors"
+        with reading_weights(file):
+            tensors = load_file(str(file))
         weights = {k: v for k, v in tensors.items() if not k.startswith(_THRESHOLD)}
         thresholds = {k[len(_THRESHOLD):]: v for k, v in tensors.items() if k.startswith(_THRESHOLD)}
         return weights, thresholds, self.layers[str(index)]
