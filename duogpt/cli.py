@@ -242,7 +242,8 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="greedy generation with the sparse (or dense) engine")
     p.add_argument("path", help="a duogpt checkpoint folder (packed or dense format)")
     _flag(p, "--prompt", required=True)
-    _flag(p, "--max-new-tokens", type=_int_at_least(1), default=64)
+    _flag(p, "--max-new-tokens", type=_int_at_least(1), default=64,
+          help="at most; generation stops at the end-of-sequence token")
     _flag(p, "--engine", choices=("sparse", "dense"), default="sparse",
           help="sparse: SparseLinear with the activation rule; dense: the same weights unpacked, "
                "dense activations (the baseline)")
@@ -269,7 +270,9 @@ def _run_generate(args) -> int:
     if prompt.shape[1] == 0:
         raise ValueError(f"--prompt {args.prompt!r} gives no tokens; give some text")
     decoder = Decoder(model, prompt.shape[1] + args.max_new_tokens, compile=args.compile)
-    result = decoder.generate(prompt, args.max_new_tokens)
+    eos = model.generation_config.eos_token_id
+    result = decoder.generate(prompt, args.max_new_tokens,
+                              eos_token_id=tokenizer.eos_token_id if eos is None else eos)
     print(args.prompt + tokenizer.decode(result.tokens[0], skip_special_tokens=True))
     rate = result.decode_tokens_per_s  # NaN: one token, which the prefill gives
     print(f"[{args.engine} engine on {args.device}: {result.tokens.shape[1]} tokens, prefill "

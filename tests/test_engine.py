@@ -608,3 +608,88 @@ def test_bench_decode_fields(tiny):
     assert run["tokens_per_s"] > 0 and run["weight_bytes"] > 0 and run["peak_gpu_bytes"] is None
     assert report["best_dense"] == {1: "dense-torch"} and report["speedup"][1] > 0
     assert report["settings"]["compile"] is False and report["settings"]["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("kernel", ["torch", "duogpt"])
+@pytest.mark.parametrize("tokens", [3, 12], ids=lambda t: f"T{t}")
+def test_dense_engine_runs_values_stored_in_another_dtype(tiny, tmp_path, kernel, tokens):
+    """`duogpt.load(dtype=)` keeps the packed values' dtype; the dense engine computes in the
+    activations' dtype, as a plain dense model of that dtype does."""
+    _, _, dense, _ = tiny
+    packed = pack_checkpoint(dense, tmp_path / "bf16", dtype=torch.bfloat16)
+    sparse = duogpt.load(packed, dtype=torch.float32, activation_sparsity=ActivationSparsity(0.0))
+    engine = to_dense_engine(duogpt.load(packed, dtype=torch.float32), kernel)
+    ids = torch.randint(0, 300, (1, tokens))
+    with torch.no_grad():
+        torch.testing.assert_close(engine(ids).logits, sparse(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_decode_stores_both_engines_in_the_asked_dtype(tiny):
+    from duogpt.engine.bench import bench_decode
+
+    report = bench_decode(str(tiny[3]), dtype=torch.bfloat16, batches=(1,), new_tokens=2,
+                          prompt_len=2)
+    fp32 = bench_decode(str(tiny[3]), batches=(1,), new_tokens=2, prompt_len=2)
+    assert report["settings"]["dtype"] == "bfloat16"
+    for bf16_run, fp32_run in zip(report["runs"], fp32["runs"], strict=True):
+        assert bf16_run["weight_bytes"] < 0.6 * fp32_run["weight_bytes"]  # int32 bitmaps stay
+
+
+@pytest.mark.parametrize("batches, new_tokens, message", [
+    ((1, 16), 4, r"batch sizes must be 1 to 8"), ((0,), 4, r"batch sizes must be 1 to 8"),
+    ((1,), 1, "new_tokens must be at least 2"),
+])
+def test_bench_decode_refuses_what_it_cannot_measure(tiny, batches, new_tokens, message):
+    from duogpt.engine.bench import bench_decode
+
+    with pytest.raises(ValueError, match=message):
+        bench_decode(str(tiny[3]), batches=batches, new_tokens=new_tokens)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 4])
+def test_a_config_that_disagrees_with_the_packed_shapes_is_refused(tiny, tmp_path, kv_heads):
+    """The kernels would read past the packed buffers of a projection the config makes larger."""
+    _, _, _, packed = tiny
+    edited = tmp_path / "edited"
+    shutil.copytree(packed, edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps(config | {"num_key_value_heads": kv_heads}))
+    with pytest.raises(ValueError, match=r"k_proj: the stored weight is 32 x 64 but the model's "
+                                         r"config makes this projection \d+ x 64"):
+        duogpt.load(edited)
+
+
+class ScriptedLM(torch.nn.Module):
+    """A causal-LM stand-in whose greedy choice at its i-th call is `script[:, i]`, whatever the
+    input: generation control without depending on what a random model happens to emit."""
+
+    def __init__(self, script: list[list[int]]):
+        super().__init__()
+        self.config = tiny_pruned_model().config
+        self.script, self.calls = torch.tensor(script), 0
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the Decoder's device
+
+    def forward(self, input_ids, cache=None, use_cache=True, logits_to_keep=1):
+        tokens = self.script[:, self.calls]
+        self.calls += 1
+        return types.SimpleNamespace(logits=F.one_hot(tokens, 304).float()[:, None])
+
+
+def test_generation_stops_once_every_sequence_has_ended():
+    script = [[5, 6, 2, 7, 8, 9], [5, 6, 7, 8, 3, 9]]
+    tokens = Decoder(ScriptedLM(script), 10).generate(torch.zeros(2, 1, dtype=torch.int64), 6,
+                                                      eos_token_id=[2, 3]).tokens
+    assert tokens.tolist() == [[5, 6, 2, 2, 2], [5, 6, 7, 8, 3]]  # an ended sequence repeats its end
+    assert Decoder(ScriptedLM(script), 10).generate(torch.zeros(2, 1, dtype=torch.int64), 6,
+                                                    eos_token_id=9).tokens.tolist() == script
+    assert Decoder(ScriptedLM(script), 10).generate(torch.zeros(2, 1, dtype=torch.int64), 6,
+                                                    eos_token_id=5).tokens.tolist() == [[5], [5]]
+
+
+def test_a_decoder_takes_one_batch_size_and_at_least_one_new_token(tiny):
+    decoder = Decoder(tiny[0], max_seq_len=10)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
+        decoder.generate(torch.zeros(1, 3, dtype=torch.int64), 0)
+    decoder.generate(torch.zeros(1, 3, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="cache holds 1 sequences, the prompt has 2"):
+        decoder.generate(torch.zeros(2, 3, dtype=torch.int64), 2)

@@ -20,6 +20,7 @@ from duogpt.engine.generate import Decoder
 from duogpt.engine.loading import load
 from duogpt.engine.sparse_linear import convert_for_runtime
 from duogpt.models import layer_map
+from duogpt.ops.gemv import MAX_TOKENS
 from duogpt.sparsity import ActivationSparsity
 
 # Random-weight models of published shapes, for kernels-only speed measurements: `random:NAME`.
@@ -106,6 +107,12 @@ def bench_decode(model_ref: str, *, device: str = "cpu", dtype: torch.dtype | No
         `{"runs": [DecodeRun as dict], "speedup": {batch: sparse / best dense}, "best_dense":
         {batch: kernel}, "settings": {...}}`.
     """
+    if not all(1 <= b <= MAX_TOKENS for b in batches):
+        raise ValueError(f"batch sizes must be 1 to {MAX_TOKENS}, the decode kernels' token "
+                         f"counts, got {batches}")
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be at least 2 (one decode step after the prefill's "
+                         f"token), got {new_tokens}")
     on_gpu = torch.device(device).type == "cuda"
     compile = on_gpu if compile is None else compile
     if model_ref.startswith("random:"):
@@ -114,7 +121,9 @@ def bench_decode(model_ref: str, *, device: str = "cpu", dtype: torch.dtype | No
     def build() -> nn.Module:
         if model_ref.startswith("random:"):
             return random_pruned(model_ref.removeprefix("random:"), device=device, dtype=dtype)
-        return load(model_ref, device=device, dtype=dtype)
+        # A packed folder keeps its values' dtype on load; here both engines store `dtype`.
+        model = load(model_ref, device=device, dtype=dtype)
+        return model if dtype is None else model.to(dtype)
 
     runs = []
     for engine in ("sparse", *(f"dense-{k}" for k in dense_kernels)):

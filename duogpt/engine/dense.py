@@ -79,13 +79,19 @@ def set_engine_head(model: PreTrainedModel) -> None:
 
 
 def to_dense_engine(model: PreTrainedModel, kernel: str = "torch") -> PreTrainedModel:
-    """Replace every `SparseLinear` of `model` by a dense linear holding its unpacked weight (in
-    the values dtype), in place, one projection at a time, and run the output projection with the
-    same kernel. Returns `model`."""
+    """Replace every `SparseLinear` of `model` by a dense linear holding its unpacked weight, in
+    place, one projection at a time, and run the output projection with the same kernel. Returns
+    `model`.
+
+    The weights take the activations' dtype (the input embeddings'), as in a plain dense model of
+    that dtype: packed values may be stored in another (`duogpt.load(dtype=)` keeps them), which
+    `nn.Linear` cannot multiply with.
+    """
     cls = _linear_class(kernel)
     set_head_kernel(model, kernel)
+    dtype = model.get_input_embeddings().weight.dtype
     for name, sparse in sparse_projections(model).items():
-        weight = sparse.dense_weight()
+        weight = sparse.dense_weight().to(dtype)
         linear = cls(sparse.in_features, sparse.out_features, bias=sparse.bias is not None,
                      device="meta")
         linear.weight = nn.Parameter(weight, requires_grad=False)

@@ -25,7 +25,8 @@ class Generation:
     """Result of `Decoder.generate`.
 
     Attributes:
-        tokens: `[batch, new_tokens]` int64 on CPU: the generated tokens.
+        tokens: `[batch, new_tokens]` int64 on CPU: the generated tokens (fewer than asked where
+            every sequence reached an end-of-sequence token; a finished sequence repeats it).
         prefill_s: seconds for the prompt (the first generated token included).
         decode_s: seconds for the remaining `new_tokens - 1` one-token steps.
     """
@@ -64,6 +65,7 @@ class Decoder:
         self.max_seq_len = max_seq_len
         warn_past_context(model, max_seq_len, "a generation (prompt plus new tokens)")
         self.cache = StaticCache(config=model.config, max_cache_len=max_seq_len)
+        self._batch: int | None = None  # the cache's, fixed by the first prompt
         self._cache_key = cache_argument(model)
         self._decode = self._step
         if compile:
@@ -85,16 +87,30 @@ class Decoder:
         return self._decode(token).clone()  # a CUDA graph overwrites its output on replay
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> Generation:
-        """Greedy continuation of `prompt [B, S]` int64 by `max_new_tokens` tokens.
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int | list[int] | None = None) -> Generation:
+        """Greedy continuation of `prompt [B, S]` int64 by up to `max_new_tokens` tokens.
+
+        Args:
+            eos_token_id: end-of-sequence token(s): generation stops once every sequence has
+                produced one (a check that waits for the device each step; benchmarks leave it
+                None and decode the full length).
 
         Raises:
-            ValueError: the prompt plus the new tokens exceed `max_seq_len`.
+            ValueError: `max_new_tokens < 1`, the prompt plus the new tokens exceed `max_seq_len`,
+                or a batch size other than the one the cache was made for.
         """
-        length = prompt.shape[1]
+        batch, length = prompt.shape
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if length + max_new_tokens > self.max_seq_len:
             raise ValueError(f"{length} prompt + {max_new_tokens} new tokens exceed the cache of "
                              f"{self.max_seq_len} positions; raise max_seq_len")
+        if self._batch not in (None, batch):
+            raise ValueError(f"this Decoder's cache holds {self._batch} sequences, the prompt has "
+                             f"{batch}; make one Decoder per batch size")
+        self._batch = batch
+        eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=self.device).reshape(-1)
         self.cache.reset()
         _sync(self.device)
         start = time.perf_counter()
@@ -102,8 +118,14 @@ class Decoder:
         _sync(self.device)
         prefilled = time.perf_counter()
         tokens = [token]
+        finished = None if eos is None else torch.isin(token, eos)
         for _ in range(max_new_tokens - 1):
+            if finished is not None and bool(finished.all()):
+                break
             token = self.decode_one(token)
+            if finished is not None:
+                token = torch.where(finished, tokens[-1], token)  # a finished sequence repeats its end
+                finished |= torch.isin(token, eos)
             tokens.append(token)
         _sync(self.device)
         done = time.perf_counter()

@@ -88,9 +88,16 @@ class SparseLinear(nn.Module):
         return module
 
     def packed(self) -> BitmapWeight:
-        """The weight as a `BitmapWeight`, validated (ValueError names a corrupted tensor)."""
-        return BitmapWeight.from_state_dict({k: getattr(self, k) for k in PACKED_KEYS[1:]}
-                                            | {"values": self.weight})
+        """The weight as a `BitmapWeight`, validated: ValueError names a corrupted tensor, or a
+        stored shape that is not the module's (a config.json edited or of another model), which
+        the kernels would read past the buffers' ends."""
+        packed = BitmapWeight.from_state_dict({k: getattr(self, k) for k in PACKED_KEYS[1:]}
+                                              | {"values": self.weight})
+        if packed.shape != (self.out_features, self.in_features):
+            raise ValueError(f"the stored weight is {packed.shape[0]} x {packed.shape[1]} but the "
+                             f"model's config makes this projection {self.out_features} x "
+                             f"{self.in_features}; config.json does not belong to these weights")
+        return packed
 
     @property
     def nbytes(self) -> int:
