@@ -693,3 +693,18 @@ def test_a_decoder_takes_one_batch_size_and_at_least_one_new_token(tiny):
     decoder.generate(torch.zeros(1, 3, dtype=torch.int64), 2)
     with pytest.raises(ValueError, match="cache holds 1 sequences, the prompt has 2"):
         decoder.generate(torch.zeros(2, 3, dtype=torch.int64), 2)
+
+
+@pytest.mark.parametrize("tokens", [3, 12], ids=lambda t: f"T{t}")
+def test_a_forward_in_grad_mode_keeps_no_dense_weight_and_gives_the_masked_dense_gradient(tiny, tokens):
+    module = sparse_projections(duogpt.load(tiny[3]))["model.layers.0.mlp.up_proj"]  # 160 x 64
+    x = torch.randn(tokens, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = module(x)
+    assert (160, 64) not in saved and (64, 160) not in saved
+    g = torch.randn(tokens, 160)
+    (y * g).sum().backward()
+    x_ref = x.detach().requires_grad_()
+    (F.linear(sparsify(x_ref, None, 0.5), module.dense_weight()) * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)

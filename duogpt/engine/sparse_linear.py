@@ -11,7 +11,6 @@ layers).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from duogpt.formats import BitmapWeight
@@ -34,6 +33,27 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled(device) and x.is_floating_point():
         return x.to(torch.get_autocast_dtype(device))
     return x
+
+
+class _UnpackedMatmul(torch.autograd.Function):
+    """`x [tokens, in] @ W.T` for a bitmap-packed `W`, unpacked in forward and again in backward:
+    `F.linear` would keep the transient dense `W` for x's gradient, so a forward in grad mode
+    would hold every projection dense until the graph is freed. The packed tensors are buffers
+    and get no gradient."""
+
+    @staticmethod
+    def forward(x, bitmap, values, offsets, out_features):
+        return x @ torch.ops.duogpt.bitmap_unpack(bitmap, values, offsets, out_features).to(x.dtype).T
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[1:4])
+        ctx.out_features = inputs[4]
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = torch.ops.duogpt.bitmap_unpack(*ctx.saved_tensors, ctx.out_features)
+        return grad @ w.to(grad.dtype), None, None, None, None
 
 
 class SparseLinear(nn.Module):
@@ -149,8 +169,10 @@ class SparseLinear(nn.Module):
         else:
             check_activation_rule(rows, threshold, self.topk_fraction)
             rows = sparsify(rows, threshold, self.topk_fraction)
-            y = F.linear(rows, self.dense_weight().to(rows.dtype),
-                         None if bias is None else bias.to(rows.dtype))
+            y = _UnpackedMatmul.apply(rows, buffers["bitmap"], buffers["weight"], buffers["offsets"],
+                                      self.out_features)
+            if bias is not None:
+                y = y + bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
