@@ -82,7 +82,7 @@ def test_state_dict_round_trip():
 
 @pytest.mark.parametrize("corrupt, message", [
     (lambda sd: sd.update(values=sd["values"][:-1]), "offsets end at"),
-    (lambda sd: sd["offsets"].__setitem__(1, sd["offsets"][1] + 1), "bits set but offsets"),
+    (lambda sd: sd["offsets"].__setitem__(1, sd["offsets"][1] + 1), "but the bits before it count"),
     (lambda sd: sd["bitmap"].__setitem__((0, -1), -1), "past row"),
     (lambda sd: sd.update(bitmap=sd["bitmap"][:, :1]), "bitmap is"),
     (lambda sd: sd.pop("offsets"), "missing tensor"),
@@ -91,6 +91,18 @@ def test_corrupted_state_dict_is_rejected(corrupt, message):
     sd = BitmapWeight.from_dense(random_sparse(70, 20, 0.5)).state_dict()
     corrupt(sd)
     with pytest.raises(ValueError, match=message):
+        BitmapWeight.from_state_dict(sd)
+
+
+def test_offsets_that_wrapped_past_int32_are_rejected():
+    """2^32 set bits with no values: the offsets' int32 prefix sums wrap back to 0 at the end, so
+    tile-by-tile differences agree with the popcounts (512 MiB of bitmap)."""
+    k = 2**22  # 1024 rows a channel, every bit set
+    offsets = (torch.arange(k + 1, dtype=torch.int64) * 1024).remainder(2**32)
+    offsets = torch.where(offsets >= 2**31, offsets - 2**32, offsets).to(torch.int32)
+    sd = {"bitmap": torch.full((k, 32), -1, dtype=torch.int32), "offsets": offsets,
+          "values": torch.empty(0, dtype=torch.float16), "shape": torch.tensor([1024, k])}
+    with pytest.raises(ValueError, match="starts at value -2147483648 but the bits before it count 2147483648"):
         BitmapWeight.from_state_dict(sd)
 
 

@@ -227,6 +227,22 @@ def test_a_bias_of_the_wrong_shape_is_refused():
         SparseLinear.from_bitmap(packed, torch.zeros(1, 8))
 
 
+def test_a_packed_weight_built_by_hand_is_validated_once_when_wrapped():
+    """SparseLinear's calls skip the packed tensors' checks, so a bad weight must not get in."""
+    good = BitmapWeight.from_dense(torch.randn(64, 16))
+    claims_more_rows = BitmapWeight(good.bitmap, good.values, good.offsets, (4096, 16))
+    with pytest.raises(ValueError, match="bitmap is"):
+        SparseLinear.from_bitmap(claims_more_rows)
+
+
+def test_dense_gemv_linear_runs_a_weight_assigned_later_that_is_not_contiguous(tiny):
+    model = to_dense_engine(duogpt.load(tiny[3]), "duogpt")
+    linear = model.model.layers[0].mlp.up_proj  # 160 x 64
+    linear.weight = torch.nn.Parameter(torch.randn(64, 160).t(), requires_grad=False)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(linear(x), F.linear(x, linear.weight))
+
+
 def test_sparse_linear_takes_empty_batches_and_names_a_wrong_width(tiny):
     module, _ = _threshold_module(tiny)
     assert module(torch.randn(0, 64)).shape == (0, 160)

@@ -4,6 +4,10 @@ CPU instruction set this machine supports, against the pure-PyTorch reference.""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import types
 
 import pytest
@@ -138,6 +142,28 @@ def test_spmspv_gives_the_same_bits_on_every_call_at_one_thread_count(isa, threa
         assert all(torch.equal(ops.spmspv(x, bw, topk_fraction=0.5), first) for _ in range(5))
     finally:
         torch.set_num_threads(before)
+
+
+def test_spmspv_is_right_when_openmp_gives_fewer_threads_than_asked():
+    """OMP_THREAD_LIMIT (or OMP_DYNAMIC, or nesting) can give a smaller team than the kernel asks
+    for: every slice and every row of y must still be done (run in a child: the limit is read
+    when OpenMP starts)."""
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import torch
+        from duogpt import BitmapWeight, ops
+        from duogpt.ops import reference
+        torch.manual_seed(0)
+        w = torch.randn(256, 512)
+        w[torch.rand(256, 512) < 0.5] = 0
+        bw = BitmapWeight.from_dense(w)
+        for b, rule in ((1, {}), (5, {"topk_fraction": 0.5})):
+            x = torch.randn(b, 512)
+            want = reference.spmspv(x, bw.bitmap, bw.values, bw.offsets, 256, **rule)
+            print((ops.spmspv(x, bw, **rule) - want).abs().max().item())
+        """)], capture_output=True, text=True, timeout=300, check=False,
+        env=dict(os.environ, OMP_NUM_THREADS="2", OMP_THREAD_LIMIT="1"))
+    assert run.returncode == 0, run.stderr
+    assert all(float(err) < 1e-4 for err in run.stdout.split()), run.stdout
 
 
 def test_topk_rule_drops_floor_of_in_times_fraction_per_token():

@@ -120,3 +120,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.duogpt.obs_prune_block, (W1, U1, P1, mask, 0, 0, None))
     torch.library.opcheck(torch.ops.duogpt.obs_prune_block,
                           (W1, U1, None, None, 2, 4, 1 / U1.diag() ** 2))
+
+
+@pytest.mark.parametrize("alias", ["U1", "P1"])
+def test_an_input_sharing_memory_with_the_updated_block_is_refused(alias):
+    W1, U1, P1 = block_problem(8, 8, with_P=True)
+    inputs = {"U1": U1, "P1": P1} | {alias: W1}  # an [8, 8] W1 fits where U1 or P1 goes
+    with pytest.raises(ValueError, match=f"{alias} shares memory with W1"):
+        ops.obs_prune_block(W1, inputs["U1"], inputs["P1"], mask=torch.zeros(8, 8, dtype=torch.bool))

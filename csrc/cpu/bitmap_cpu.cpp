@@ -128,19 +128,22 @@ void bitmap_validate_cpu(const int32_t* bitmap, const int32_t* offsets, int64_t 
   DUOGPT_CHECK(offsets[k * tiles] == nnz, "corrupted bitmap weight: offsets end at ",
                offsets[k * tiles], " but there are ", nnz, " values");
   const uint32_t pad_mask = (n % kWordBits) ? ~((1u << (n % kWordBits)) - 1u) : 0u;
+  // Each offset against the running count in int64: differences of int32 offsets would pass
+  // offsets that wrapped past 2^31 with more set bits than values.
+  int64_t count = 0;
   for (int64_t j = 0; j < k; ++j) {
     DUOGPT_CHECK((bm[j * words + words - 1] & pad_mask) == 0,
                  "corrupted bitmap weight: channel ", j, " has bits set past row ", n);
     for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t w0 = t * (kTileRows / kWordBits), w1 = std::min(words, w0 + kTileRows / kWordBits);
-      int64_t c = 0;
-      for (int64_t q = w0; q < w1; ++q) c += __builtin_popcount(bm[j * words + q]);
       const int64_t i = j * tiles + t;
-      DUOGPT_CHECK(offsets[i + 1] - offsets[i] == c, "corrupted bitmap weight: channel ", j,
-                   " tile ", t, " has ", c, " bits set but offsets give it ",
-                   offsets[i + 1] - offsets[i], " values");
+      DUOGPT_CHECK(offsets[i] == count, "corrupted bitmap weight: channel ", j, " tile ", t,
+                   " starts at value ", offsets[i], " but the bits before it count ", count);
+      const int64_t w0 = t * (kTileRows / kWordBits), w1 = std::min(words, w0 + kTileRows / kWordBits);
+      for (int64_t q = w0; q < w1; ++q) count += __builtin_popcount(bm[j * words + q]);
     }
   }
+  DUOGPT_CHECK(count == nnz, "corrupted bitmap weight: the bitmap has ", count, " bits set but there are ",
+               nnz, " values");
 }
 
 void bitmap_unpack_cpu(const int32_t* bitmap, const void* values, const int32_t* offsets, Dtype dt,

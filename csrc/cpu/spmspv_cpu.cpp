@@ -258,7 +258,7 @@ ActiveChannels list_active(const float* xs, int64_t b, int64_t k, const int32_t*
 // of values as far as a kernel may read it. Out of line: it runs for a few channels per call.
 [[gnu::noinline]] const char* padded_copy(const char* v, int64_t count, int64_t reach, int64_t vsize,
                                           char* copy) {
-  std::memcpy(copy, v, count * vsize);
+  if (count > 0) std::memcpy(copy, v, count * vsize);  // v is null when values is empty
   std::memset(copy + count * vsize, 0, (reach - count) * vsize);
   return copy;
 }
@@ -338,12 +338,14 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
 
 #pragma omp parallel num_threads(threads)
   {
-    const int th = omp_get_thread_num();
-    // Slice boundaries: the first active channel whose running count reaches th / threads.
+    // The team may be smaller than asked for (OMP_THREAD_LIMIT, OMP_DYNAMIC, nesting): the work is
+    // split over the threads that came, or the missing ones' slices and rows would be skipped.
+    const int team = omp_get_num_threads(), th = omp_get_thread_num();
+    // Slice boundaries: the first active channel whose running count reaches th / team.
     auto bound = [&](int i) {
-      return std::lower_bound(work, work + n_active, total * i / threads) - work;
+      return std::lower_bound(work, work + n_active, total * i / team) - work;
     };
-    const int64_t a0 = bound(th), a1 = th + 1 == threads ? n_active : bound(th + 1);
+    const int64_t a0 = bound(th), a1 = th + 1 == team ? n_active : bound(th + 1);
     float* mine = acc + th * b * ld;
     std::fill_n(mine, b * ld, 0.0f);
     char* tail = tails + th * reach * vsize;
@@ -376,10 +378,10 @@ void spmspv_cpu(const void* x, Dtype x_dt, int64_t b, int64_t k, const int32_t* 
 #pragma omp barrier
     // Sum the buffers into thread 0's, then convert, over this thread's rows.
     int64_t r0, r1;
-    row_range(n, th, threads, r0, r1);
+    row_range(n, th, team, r0, r1);
     for (int64_t t = 0; t < b && r0 < r1; ++t) {
       float* sum = acc + t * ld;
-      for (int other = 1; other < threads; ++other) {
+      for (int other = 1; other < team; ++other) {
         const float* part = acc + (other * b + t) * ld;
         for (int64_t r = r0; r < r1; ++r) sum[r] += part[r];
       }

@@ -29,7 +29,8 @@ class DenseGemvLinear(nn.Linear):
 
     Its weight is an unpacked `SparseLinear`'s (`to_dense_engine`), valid by construction, or the
     output projection's (`set_head_kernel`), checked there once. So each call checks only `x`, as
-    `SparseLinear` does (`dense_gemv_validated`).
+    `SparseLinear` does (`dense_gemv_validated`), and that the weight is still contiguous: one
+    assigned since (a transposed view) runs `nn.Linear`, which the kernel would misread.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,7 @@ class DenseGemvLinear(nn.Linear):
         weight, bias = self._parameters["weight"], self._parameters["bias"]
         # The kernel has no backward: where autograd records (a trained head, x's gradient),
         # nn.Linear runs.
-        if rows.shape[0] > MAX_TOKENS or records_grad(x, weight, bias):
+        if rows.shape[0] > MAX_TOKENS or records_grad(x, weight, bias) or not weight.is_contiguous():
             return super().forward(x)
         y = dense_gemv_validated(rows.contiguous(), weight)
         if bias is not None:

@@ -105,6 +105,7 @@ class SparseLinear(nn.Module):
         module.shape = torch.tensor(packed.shape, device=packed.device)
         if bias is not None:
             module.bias = bias.detach()
+        module.packed()  # a BitmapWeight built by hand is checked once here, never per call
         return module
 
     def packed(self) -> BitmapWeight:

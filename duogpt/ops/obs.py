@@ -37,6 +37,15 @@ def _check(W1, U1, P1, mask, prunen, prunem, score_coef) -> None:
             f"{score_coef.shape[0]}")
 
 
+def _check_not_aliased(W1, U1, P1, mask, score_coef) -> None:
+    """W1 is updated in place, so an input sharing its memory would be read half-updated."""
+    storage = W1.untyped_storage().data_ptr()
+    for name, t in (("U1", U1), ("P1", P1), ("mask", mask), ("score_coef", score_coef)):
+        if t is not None and t.untyped_storage().data_ptr() == storage:
+            raise ValueError(f"{name} shares memory with W1, which obs_prune_block updates in "
+                             f"place; pass a copy ({name}.clone())")
+
+
 def _fake(W1, U1, P1, mask, prunen, prunem, score_coef):
     _check(W1, U1, P1, mask, prunen, prunem, score_coef)
     return torch.empty_like(W1), torch.empty_like(W1)
@@ -50,6 +59,7 @@ def _args(W1, U1, P1, mask, prunen, prunem, score_coef, Err1, Wpre1):
 
 def _cpu(W1, U1, P1, mask, prunen, prunem, score_coef):
     _check(W1, U1, P1, mask, prunen, prunem, score_coef)
+    _check_not_aliased(W1, U1, P1, mask, score_coef)
     Err1, Wpre1 = torch.empty_like(W1), torch.empty_like(W1)
     _native.lib().obs_prune_block_cpu(*_args(W1, U1, P1, mask, prunen, prunem, score_coef, Err1, Wpre1))
     return Err1, Wpre1
@@ -57,6 +67,7 @@ def _cpu(W1, U1, P1, mask, prunen, prunem, score_coef):
 
 def _cuda(W1, U1, P1, mask, prunen, prunem, score_coef):
     _check(W1, U1, P1, mask, prunen, prunem, score_coef)
+    _check_not_aliased(W1, U1, P1, mask, score_coef)
     C = _native.cuda_lib(W1.device)
     # Checked here as well as in C++, for a message that names the fix.
     require(W1.shape[1] <= C.max_obs_block, lambda: f"obs_prune_block on CUDA handles blocks of "
