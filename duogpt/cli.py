@@ -89,15 +89,18 @@ def _add_prune(sub) -> None:
           help="activation sparsity p_a on the 7 projection inputs (default %(default)s)")
     _flag(p, "--activation-rule", choices=("topk", "threshold"), default=d.activation_rule,
           help="topk: per token (the paper's); threshold: TEAL-style calibrated thresholds")
-    _flag(p, "--calib", default="c4", help="c4 | wikitext2 (need `datasets` and network) | a text "
-          "file or folder of .txt files | self (sampled from the model)")
-    _flag(p, "--nsamples", type=_int_at_least(1), default=d.nsamples, help="calibration windows")
-    _flag(p, "--seqlen", type=_int_at_least(1), default=d.seqlen, help="tokens per calibration window")
-    _flag(p, "--seed", type=int, default=d.seed)
+    _flag(p, "--calib", default="c4", help="c4 (default) | wikitext2 (need `datasets` and network) | "
+          "a text file or folder of .txt files | self (sampled from the model)")
+    _flag(p, "--nsamples", type=_int_at_least(1), default=d.nsamples,
+          help="calibration windows (default %(default)s)")
+    _flag(p, "--seqlen", type=_int_at_least(1), default=d.seqlen,
+          help="tokens per calibration window (default %(default)s)")
+    _flag(p, "--seed", type=int, default=d.seed, help="seed of the calibration windows (default %(default)s)")
     _flag(p, "--alpha", type=float, default=d.alpha, help="DuoGPT's residual scale")
     _flag(p, "--percdamp", type=float, default=d.percdamp,
           help="dampening, fraction of mean diag(H); escalated x10 when a Cholesky fails")
-    _flag(p, "--blocksize", type=_int_at_least(1), default=d.blocksize)
+    _flag(p, "--blocksize", type=_int_at_least(1), default=d.blocksize,
+          help="columns the solver updates at a time (default %(default)s)")
     _flag(p, "--act-order", action=argparse.BooleanOptionalAction,
           help="process columns by descending diag(H) (default: on, off for N:M)")
     _flag(p, "--device", type=_device, help="where layers are pruned: cpu or cuda[:N] (default: "
@@ -247,7 +250,7 @@ def _add_generate(sub) -> None:
     _flag(p, "--engine", choices=("sparse", "dense"), default="sparse",
           help="sparse: SparseLinear with the activation rule; dense: the same weights unpacked, "
                "dense activations (the baseline)")
-    _flag(p, "--device", type=_device, default="cpu")
+    _flag(p, "--device", type=_device, default="cpu", help="cpu (default) or cuda[:N]")
     _flag(p, "--dtype", choices=_DTYPES, help="activation dtype (default: the checkpoint's)")
     _flag(p, "--compile", action="store_true",
           help="compile the decode step (CUDA graphs on a GPU); the first tokens pay for it")
@@ -287,9 +290,9 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity, fidelity to the dense model, zero-shot tasks")
     p.add_argument("model", help="a duogpt checkpoint folder, a Hugging Face folder or hub id, or smollm2-135m")
     _flag(p, "--ppl", default="wikitext2",
-          help="wikitext2 | c4 | FILE | self (fidelity on text sampled from the dense model) | none")
+          help="wikitext2 (default) | FILE | self (fidelity on text sampled from the dense model) | none")
     _flag(p, "--seqlen", type=_int_at_least(2), default=2048,
-          help="tokens per window (state it with results)")
+          help="tokens per window (default %(default)s; state it with results)")
     _flag(p, "--max-windows", type=_int_at_least(1),
           help="at most K windows (for self: K sampled sequences, default 4)")
     _flag(p, "--activation-sparsity", type=float,
@@ -298,12 +301,13 @@ def _add_eval(sub) -> None:
           help="comma-separated lm-eval tasks, or 'zeroshot' for piqa,hellaswag,winogrande,"
                "arc_easy,arc_challenge,openbookqa,boolq")
     _flag(p, "--reference", help="dense model for --ppl self (default: duogpt.json's base_model)")
-    _flag(p, "--device", type=_device, default="cpu")
+    _flag(p, "--device", type=_device, default="cpu", help="cpu (default) or cuda[:N]")
     _flag(p, "--dtype", choices=_DTYPES, help="default: as stored")
     _flag(p, "--batch-size", type=_int_at_least(1), default=1, help="lm-eval batch size")
     _flag(p, "--limit", type=_int_at_least(1), help="lm-eval: first N documents per task")
     _flag(p, "--include-path", help="lm-eval: folder of extra task YAMLs")
-    _flag(p, "--seed", type=int, default=0)
+    _flag(p, "--seed", type=_int_at_least(0), default=0,
+          help="seed of the --ppl self sampling (default %(default)s)")
     _flag(p, "--json", help="write the results, settings, checkpoint summary and versions here")
 
 
@@ -352,10 +356,11 @@ def _add_bench(sub) -> None:
     d = kinds.add_parser("decode", help="decode tokens/s: sparse vs dense engine, same model and dtype")
     d.add_argument("model", help="a duogpt checkpoint folder, or random:llama2-7b / random:smollm2-135m "
                                  "(random weights, 50%% pruned, top-k 50%% activations)")
-    _flag(d, "--device", type=_device, default="cpu")
+    _flag(d, "--device", type=_device, default="cpu", help="cpu (default) or cuda[:N]")
     _flag(d, "--dtype", choices=_DTYPES, help="storage and activation dtype (default: as stored)")
     _flag(d, "--batch-sizes", type=_int_list, default=(1, 2, 4, 8), help="comma-separated (default 1,2,4,8)")
-    _flag(d, "--prompt-len", type=_int_at_least(1), default=32)
+    _flag(d, "--prompt-len", type=_int_at_least(1), default=32,
+          help="random prompt tokens per sequence (default %(default)s)")
     _flag(d, "--new-tokens", type=_int_at_least(2), default=64,
           help="tokens per timed run; the first comes from the prefill, so at least 2")
     _flag(d, "--threads", type=_int_at_least(1), help="CPU threads (torch and the duogpt kernels)")
