@@ -4,10 +4,6 @@ CPU instruction set this machine supports, against the pure-PyTorch reference.""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 import types
 
 import pytest
@@ -148,7 +144,7 @@ def test_spmspv_is_right_when_openmp_gives_fewer_threads_than_asked():
     """OMP_THREAD_LIMIT (or OMP_DYNAMIC, or nesting) can give a smaller team than the kernel asks
     for: every slice and every row of y must still be done (run in a child: the limit is read
     when OpenMP starts)."""
-    run = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+    run = run_python("""
         import torch
         from duogpt import BitmapWeight, ops
         from duogpt.ops import reference
@@ -160,8 +156,7 @@ def test_spmspv_is_right_when_openmp_gives_fewer_threads_than_asked():
             x = torch.randn(b, 512)
             want = reference.spmspv(x, bw.bitmap, bw.values, bw.offsets, 256, **rule)
             print((ops.spmspv(x, bw, **rule) - want).abs().max().item())
-        """)], capture_output=True, text=True, timeout=300, check=False,
-        env=dict(os.environ, OMP_NUM_THREADS="2", OMP_THREAD_LIMIT="1"))
+        """, OMP_NUM_THREADS="2", OMP_THREAD_LIMIT="1")
     assert run.returncode == 0, run.stderr
     assert all(float(err) < 1e-4 for err in run.stdout.split()), run.stdout
 

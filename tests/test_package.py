@@ -4,6 +4,7 @@ runs on."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -20,9 +21,11 @@ from duogpt._native import arch_error
 OUTSIDE_SOURCE = Path(__file__).parent
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter, with `env` added to the environment."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=300, cwd=OUTSIDE_SOURCE, check=False)
+                          text=True, timeout=300, cwd=OUTSIDE_SOURCE, check=False,
+                          env=os.environ | env)
 
 
 @pytest.mark.parametrize(("error", "message"), [
