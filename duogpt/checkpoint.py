@@ -53,6 +53,18 @@ def new_folder_beside(path: Path) -> Path:
             return folder
 
 
+def check_out_dir(out: Path, *, overwrite: bool = False) -> None:
+    """Raise FileExistsError unless `atomic_folder(out, overwrite=overwrite)` may write `out`;
+    callers with minutes of work before the save check first (a dangling link counts as there).
+    """
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; choose another --out or remove it first")
+        if out.is_symlink() or not (out / METADATA_FILE).is_file():
+            raise FileExistsError(f"{out} is not a duogpt checkpoint (it has no {METADATA_FILE}), "
+                                  f"so --overwrite does not replace it; choose another --out")
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `out_dir`; on success it replaces `out_dir`.
@@ -65,12 +77,7 @@ def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
         FileExistsError: `out_dir` exists and `overwrite` is False, or it is no duogpt checkpoint.
     """
     out = Path(out_dir)
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; choose another --out or remove it first")
-        if out.is_symlink() or not (out / METADATA_FILE).is_file():
-            raise FileExistsError(f"{out} is not a duogpt checkpoint (it has no {METADATA_FILE}), "
-                                  f"so --overwrite does not replace it; choose another --out")
+    check_out_dir(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = new_folder_beside(out)
     retired = staging.with_name(staging.name + "-old")

@@ -152,15 +152,14 @@ def _run_prune(args) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from duogpt.calibration.data import check_source
-    from duogpt.checkpoint import save_pruned
+    from duogpt.checkpoint import check_out_dir, save_pruned
     from duogpt.eval.evaluate import PerplexityText, activation_rule
     from duogpt.models.loading import load_model, model_reference
     from duogpt.prune import PruneConfig, prune
 
     out = Path(args.out)
     work = out.parent / f".{out.name}.partial"
-    if out.exists() or out.is_symlink():  # a dangling link too: the save would refuse it
-        raise FileExistsError(f"{out} already exists; choose another --out or remove it first")
+    check_out_dir(out)  # as the save at the end will
     if work.exists() and any(work.iterdir()) and not args.resume:
         raise ValueError(f"an interrupted run left {work}; add --resume to continue it, or remove "
                          f"it to start over")
