@@ -17,9 +17,9 @@ import argparse
 from pathlib import Path
 
 from duogpt.checkpoint import read_metadata
-from duogpt.cli import _json_target, _write_json
 from duogpt.cli import main as duogpt
 from duogpt.eval.data import data_dir
+from duogpt.reports import json_target, write_json
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     try:
-        json_out = _json_target(args.json)  # a bad path fails now, not after every pruning run
+        json_out = json_target(args.json)  # a bad path fails now, not after every pruning run
     except (ValueError, OSError) as err:
         parser.error(str(err))
 
@@ -66,7 +66,7 @@ def main() -> None:
     for method, r in rows.items():
         print(f"| {method} | {r['perplexity']['pruned']:.2f} | {r['prune_s']:.0f} |")
     if json_out:
-        _write_json(json_out, {"settings": vars(args), "results": rows})
+        write_json(json_out, {"settings": vars(args), "results": rows})
 
 
 if __name__ == "__main__":

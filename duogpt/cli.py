@@ -315,8 +315,9 @@ def _run_eval(args) -> int:
 
     from duogpt.eval.evaluate import evaluate
     from duogpt.eval.harness import ZERO_SHOT
+    from duogpt.reports import json_target, write_json
 
-    json_out = _json_target(args.json)
+    json_out = json_target(args.json)
     tasks = [t for t in args.tasks.split(",") if t]
     if tasks == ["zeroshot"]:
         tasks = list(ZERO_SHOT)
@@ -343,7 +344,7 @@ def _run_eval(args) -> int:
         print(f"  {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()
                                          if isinstance(v, float)))
     if json_out:
-        _write_json(json_out, report)
+        write_json(json_out, report)
     return 0
 
 
@@ -373,8 +374,9 @@ def _run_bench(args) -> int:
 
     from duogpt.engine.bench import bench_decode, markdown
     from duogpt.env import environment
+    from duogpt.reports import json_target, write_json
 
-    json_out = _json_target(args.json)
+    json_out = json_target(args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     report = bench_decode(args.model, device=args.device,
@@ -388,45 +390,11 @@ def _run_bench(args) -> int:
           f"{s['new_tokens']} new tokens\n")
     print(markdown(report))
     if json_out:
-        _write_json(json_out, report)
+        write_json(json_out, report)
     return 0
 
 
 # --- reports ---------------------------------------------------------------------------------
-
-def _json_target(path: str | None) -> Path | None:
-    """`--json PATH`, checked before the run so that a bad path does not cost the run's results."""
-    if path is None:
-        return None
-    target = Path(path)
-    if target.is_dir():
-        raise ValueError(f"--json {path} is a folder; give a file path such as {target / 'report.json'}")
-    if target.parent.exists() and not target.parent.is_dir():
-        raise ValueError(f"--json {path}: {target.parent} is a file, not a folder; choose another path")
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"--json {path}: the folder {target.parent} does not exist; create it "
-                                f"first or choose another path")
-    return target
-
-
-def _write_json(target: Path, report: dict) -> None:
-    """Write `report` atomically as strict JSON. Non-finite floats (the perplexity of a diverged model)
-    become the strings "inf", "-inf", "nan": json.dumps would write bare Infinity/NaN, which is not
-    JSON and which strict parsers (JavaScript's JSON.parse, Python's with parse_constant) reject."""
-    from duogpt.checkpoint import replace_atomically
-
-    def strict(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return str(value)  # 'inf', '-inf' or 'nan'
-        if isinstance(value, dict):
-            return {k: strict(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [strict(v) for v in value]
-        return value
-
-    text = json.dumps(strict(report), indent=2, default=str, allow_nan=False) + "\n"
-    replace_atomically(target, lambda tmp: tmp.write_text(text))
-
 
 COMMANDS = {"env": (_add_env, _run_env), "prune": (_add_prune, _run_prune),
             "pack": (_add_pack, _run_pack),

@@ -45,12 +45,16 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
-def tiny_pruned_model(seed: int = 0) -> LlamaForCausalLM:
-    """A 2-layer random LLaMA (GQA, tied embeddings) with every projection magnitude-pruned to 50 %."""
+def tiny_pruned_model(seed: int = 0, *, tied: bool = True) -> LlamaForCausalLM:
+    """A 2-layer random LLaMA (GQA, tied embeddings unless `tied=False`) with every projection
+    magnitude-pruned to 50 %.
+
+    With tied embeddings, greedy decoding repeats the last prompt token whatever the layers do;
+    tests that compare generated tokens use `tied=False`, whose tokens follow the weights."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=304, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True)
+                         tie_word_embeddings=tied)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for linear in layer_map(model).named_projections().values():
@@ -73,6 +77,15 @@ def tiny(tmp_path_factory):
     model, tokenizer = tiny_pruned_model(), tiny_tokenizer()
     dense = save_pruned(model, tokenizer, root / "dense", METADATA, TOPK)
     return model, tokenizer, dense, pack_checkpoint(dense, root / "packed")
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    """`(dense pruned model, packed folder)` of the untied tiny model, top-k 50 %."""
+    root = tmp_path_factory.mktemp("untied")
+    model = tiny_pruned_model(tied=False)
+    dense = save_pruned(model, tiny_tokenizer(), root / "dense", METADATA, TOPK)
+    return model, pack_checkpoint(dense, root / "packed")
 
 
 def assert_matches_masked_dense(loaded, model, sparsity, ids):
@@ -199,6 +212,10 @@ def test_under_autocast_the_projections_compute_in_the_autocast_dtype_like_nn_li
     with torch.no_grad():
         head.weight.copy_(weight)
     x = torch.randn(tokens, 64)
+    # Half the channels just above their thresholds, where rounding to bfloat16 decides the rule.
+    x[:, ::2] = module.threshold[::2] * (1 + 2**-12)
+    near = (x.bfloat16().float().abs() > module.threshold) != (x.abs() > module.threshold)
+    assert near.sum(1).min() >= 4  # each token keeps another set in bfloat16 than in float32
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y, y_head = module(x), head(x)
         # nn.Linear's result, on the input that the rule sees in bfloat16
@@ -276,15 +293,17 @@ def test_sampled_sequences_start_at_bos_else_eos_else_a_random_token(tiny):
     assert first_tokens(None, None).unique().numel() > 1
 
 
-def test_round_trip_generate_equals_masked_dense_greedy(tiny):
+def test_round_trip_generate_equals_masked_dense_greedy(untied):
     """prune -> pack -> load -> 32 greedy tokens == the masked dense model's, fp32 on CPU."""
-    model, _, _, packed = tiny
+    model, packed = untied
     prompt = torch.randint(0, 300, (1, 5))
     sparse = Decoder(duogpt.load(packed), max_seq_len=40).generate(prompt, 32)
     with sparsified_inputs(layer_map(model).named_projections(), TOPK):
         reference = Decoder(model, max_seq_len=40).generate(prompt, 32)
     assert sparse.tokens.shape == (1, 32)
     assert torch.equal(sparse.tokens, reference.tokens)
+    without_rule = Decoder(model, max_seq_len=40).generate(prompt, 32)
+    assert not torch.equal(without_rule.tokens, reference.tokens)  # the tokens follow the rule
 
 
 def test_dense_checkpoint_is_packed_on_load(tiny):
@@ -508,10 +527,10 @@ def test_missing_tensor_fails_with_clear_error(tiny, tmp_path, name, message):
         duogpt.load(_tampered(tiny[3], tmp_path, drop))
 
 
-def test_decode_step_traces_as_one_graph(tiny):
+def test_decode_step_traces_as_one_graph(untied):
     """The decode step has no graph break (what CUDA-graph capture needs); eager backend, so
     only Dynamo's tracing is exercised on CPU."""
-    _, _, _, packed = tiny
+    _, packed = untied
     decoder = Decoder(duogpt.load(packed), max_seq_len=16)
     decoder._decode = torch.compile(decoder._step, backend="eager", fullgraph=True)
     prompt = torch.randint(0, 300, (1, 4))

@@ -14,11 +14,13 @@ from test_engine import METADATA, TOPK, tiny_pruned_model, tiny_tokenizer
 from duogpt import cli
 from duogpt.checkpoint import save_pruned
 from duogpt.engine import pack_checkpoint
+from duogpt.engine.sparse_linear import SparseLinear
 from duogpt.eval import perplexity
 from duogpt.eval.data import eval_text
 from duogpt.eval.evaluate import evaluate
 from duogpt.eval.fidelity import fidelity
 from duogpt.eval.perplexity import window_nlls
+from duogpt.reports import write_json
 
 TEXT = " ".join(["the quick brown fox jumps over the lazy dog."] * 40)
 
@@ -61,7 +63,7 @@ def test_a_diverged_model_has_infinite_perplexity_not_an_overflow_error():
 
 def test_json_reports_write_non_finite_numbers_as_strings(tmp_path):
     out = tmp_path / "r.json"
-    cli._write_json(out, {"ppl": math.inf, "runs": [-math.inf, math.nan], "ok": {"value": 1.5}})
+    write_json(out, {"ppl": math.inf, "runs": [-math.inf, math.nan], "ok": {"value": 1.5}})
 
     def refuse(constant):
         raise AssertionError(f"bare {constant} is not JSON")
@@ -237,8 +239,12 @@ def test_lm_eval_local_task_runs_the_sparse_model_and_records_its_version(checkp
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "local.yaml").write_text(LOCAL_TASK.format(data=data))
+    calls = []
+    forward = SparseLinear.forward
+    monkeypatch.setattr(SparseLinear, "forward", lambda self, x: calls.append(x.shape) or forward(self, x))
     report = _eval(tmp_path, packed, "--ppl", "none", "--tasks", "duogpt_local_choice",
                    "--include-path", tasks, "--batch-size", 2)
+    assert calls and len(calls) % 14 == 0  # lm-eval ran the packed model's 14 projections
     acc = report["metrics"]["tasks"]["duogpt_local_choice"]["acc,none"]
     settings = report["settings"]
     assert 0.0 <= acc <= 1.0 and settings["tasks"] == ["duogpt_local_choice"]

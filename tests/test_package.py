@@ -77,11 +77,45 @@ def test_import_changes_no_global_torch_state():
     assert result.stdout.strip() == "True", result.stderr
 
 
-def test_every_op_is_registered_with_cpu_cuda_and_fake_kernels():
-    for name in ("bitmap_pack", "bitmap_unpack", "spmspv", "dense_gemv", "obs_prune_block"):
+def _op_arguments() -> dict[str, tuple]:
+    """Valid arguments of every duogpt op, on CPU."""
+    w = torch.randn(40, 24).masked_fill(torch.rand(40, 24) < 0.5, 0).half()
+    bitmap, values, offsets = torch.ops.duogpt.bitmap_pack(w)
+    x = torch.randn(3, 24, dtype=torch.float16)
+    U1 = torch.linalg.cholesky(torch.eye(16) + 0.1 * torch.ones(16, 16), upper=True).contiguous()
+    return {"bitmap_pack": (w,),
+            "bitmap_unpack": (bitmap, values, offsets, 40),
+            "spmspv": (x, bitmap, values, offsets, 40, None, 0.5),
+            "dense_gemv": (x, w),
+            "obs_prune_block": (torch.randn(12, 16), U1, None, torch.rand(12, 16) < 0.5, 0, 0, None)}
+
+
+def test_every_op_is_registered_with_cpu_and_cuda_kernels():
+    for name in _op_arguments():
         op = getattr(torch.ops.duogpt, name).default
         for key in ("CPU", "CUDA"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key), (name, key)
+
+
+def test_every_op_has_a_fake_kernel_with_the_real_output_shapes_and_dtypes():
+    """What torch.compile and meta-device tracing run in place of the kernel."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    for name, args in _op_arguments().items():
+        op = getattr(torch.ops.duogpt, name).default
+        real = op(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+        with FakeTensorMode(shape_env=ShapeEnv()) as mode:  # the shape env allows bitmap_pack's nnz
+            fake = op(*[mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a
+                        for a in args])
+        real, fake = (real, fake) if isinstance(real, tuple) else ((real,), (fake,))
+        assert len(fake) == len(real), name
+        for i, (r, f) in enumerate(zip(real, fake)):
+            assert isinstance(f, FakeTensor) and f.dtype == r.dtype, (name, i)
+            if (name, i) == ("bitmap_pack", 1):  # the value count depends on the data: a symbol
+                assert f.dim() == 1 and isinstance(f.shape[0], torch.SymInt)
+            else:
+                assert f.shape == r.shape, (name, i)
 
 
 def test_env_command_prints_the_diagnostics():
