@@ -103,6 +103,10 @@ def _add_prune(sub) -> None:
           help="columns the solver updates at a time (default %(default)s)")
     _flag(p, "--act-order", action=argparse.BooleanOptionalAction,
           help="process columns by descending diag(H) (default: on, off for N:M)")
+    _flag(p, "--true-sequential", action="store_true", default=None,
+          help="prune each layer's groups [q,k,v], [o], [gate,up], [down] one after another, each "
+          "calibrated on the earlier ones' pruned outputs (default: on for duogpt, which needs it; "
+          "off for the baselines, which gather a layer's inputs in one pass like their originals)")
     _flag(p, "--device", type=_device, help="where layers are pruned: cpu or cuda[:N] (default: "
           "cuda if available)")
     _flag(p, "--dtype", choices=_DTYPES, default="float32", help="dtype the model is loaded and saved in")
@@ -179,7 +183,8 @@ def _run_prune(args) -> int:
                          activation_sparsity=args.activation_sparsity,
                          activation_rule=args.activation_rule, alpha=args.alpha,
                          percdamp=args.percdamp, blocksize=args.blocksize, act_order=args.act_order,
-                         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                         true_sequential=args.true_sequential, nsamples=args.nsamples,
+                         seqlen=args.seqlen, seed=args.seed,
                          **({"device": args.device} if args.device else {}))
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -56,6 +56,11 @@ class PruneConfig:
         blocksize: columns per block of the OBS column loop.
         act_order: process columns by descending diag H; None = on, except for N:M (where it
             would form the groups in permuted order).
+        true_sequential: calibrate and prune a layer's input-sharing groups one after another,
+            each on the inputs that the earlier, already pruned groups produce (SparseGPT's
+            `--true-sequential`); None = on for DuoGPT (its flow, algorithm.md 6), off for the
+            baselines, whose originals gather all of a layer's inputs in one pass. DuoGPT needs
+            it: its sparse stream reaches each group through the earlier groups' sparsity.
         nsamples, seqlen, seed: calibration windows (seqlen is bounded on purpose: memory and
             time grow with it, and the model's maximum context is never needed).
         device: where each layer is pruned ("cuda" when available).
@@ -69,6 +74,7 @@ class PruneConfig:
     percdamp: float = 0.01
     blocksize: int = 128
     act_order: bool | None = None
+    true_sequential: bool | None = None
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
@@ -84,6 +90,9 @@ class PruneConfig:
             raise ValueError(f"activation rule {self.activation_rule!r} needs --activation-sparsity > 0")
         if weight.is_nm and self.act_order:
             raise ValueError("act_order forms N:M groups in permuted order; leave it off for N:M")
+        if self.method == "duogpt" and self.true_sequential is False:
+            raise ValueError("DuoGPT prunes a layer's groups one after another (algorithm.md 6); "
+                             "true_sequential=False is for the baselines")
         if weight.is_nm and self.blocksize % weight.m:
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of M = {weight.m}")
         for name in ("blocksize", "nsamples", "seqlen"):
@@ -110,6 +119,10 @@ class PruneConfig:
         return not self.weight.is_nm if self.act_order is None else self.act_order
 
     @property
+    def use_true_sequential(self) -> bool:
+        return self.method == "duogpt" if self.true_sequential is None else self.true_sequential
+
+    @property
     def uses_inputs(self) -> bool:
         """Whether the method's masks depend on calibration inputs (all but magnitude)."""
         return self.method != "magnitude"
@@ -122,6 +135,8 @@ class PruneConfig:
     def hyperparameters(self) -> dict:
         """The knobs that shaped the result (the OBS knobs only for the OBS methods)."""
         knobs = {"device": self.device}
+        if self.needs_calibration:
+            knobs["true_sequential"] = self.use_true_sequential
         if self.method in ("duogpt", "sparsegpt"):
             knobs.update(percdamp=self.percdamp, blocksize=self.blocksize, act_order=self.use_act_order)
         if self.method == "duogpt":
@@ -139,7 +154,9 @@ class PruneReport:
         calibration: `{source, nsamples, seqlen, seed, tokens, sha256}` (source None: no data).
         layers: `{full module name: {"sparsity", "seconds", "shape"[, "damping"]}}`: achieved
             weight sparsity, solve time and final percdamp of every pruned projection.
-        timings: `{total_s, calibration_data_s, capture_s, streams_s, solve_s}`.
+        timings: `{total_s, calibration_data_s, capture_s, streams_s, solve_s}` of this call.
+        resumed_layers: the layers loaded from `work_dir`, pruned by an earlier, interrupted call
+            (in `layers`, with their solve seconds, but not in `timings`).
     """
 
     config: PruneConfig
@@ -147,6 +164,7 @@ class PruneReport:
     calibration: dict
     layers: dict[str, dict]
     timings: dict[str, float]
+    resumed_layers: list[int]
 
     @property
     def weight_sparsity(self) -> float:
@@ -166,6 +184,7 @@ class PruneReport:
             "calibration": self.calibration,
             "layers": self.layers,
             "timings": self.timings,
+            "resumed_layers": self.resumed_layers,
             "versions": {"duogpt": __version__, "torch": torch.__version__,
                          "transformers": importlib.metadata.version("transformers"),
                          "python": platform.python_version()},
@@ -228,4 +247,4 @@ def prune(model: nn.Module, tokenizer, calib: str | torch.Tensor = "c4",
                                   result.thresholds)
     timings = {"total_s": time.perf_counter() - start, "calibration_data_s": data_s, **result.timings}
     return PruneReport(config, sparsity, calibration, result.layers,
-                       {k: round(v, 3) for k, v in timings.items()})
+                       {k: round(v, 3) for k, v in timings.items()}, result.resumed)

@@ -37,7 +37,8 @@ from duogpt.solver.sequential import Pipeline
 from duogpt.sparsity import ActivationSparsity, sparsified_inputs
 
 DUOGPT_JSON_KEYS = {"format_version", "activation_sparsity", "method", "base_model", "weight_sparsity",
-                    "hyperparameters", "calibration", "layers", "timings", "versions", "format"}
+                    "hyperparameters", "calibration", "layers", "timings", "resumed_layers", "versions",
+                    "format"}
 WORDS = [f"w{i}" for i in range(200)]
 
 
@@ -86,11 +87,11 @@ def test_cli_writes_a_plain_hugging_face_folder(tiny, tmp_path):
 
     meta = read_metadata(out)
     assert set(meta) == DUOGPT_JSON_KEYS
-    assert meta["method"] == "duogpt" and meta["format"] == "dense"
+    assert meta["method"] == "duogpt" and meta["format"] == "dense" and meta["resumed_layers"] == []
     assert meta["weight_sparsity"] == {"type": "unstructured", "fraction": 0.5}
     assert meta["activation_sparsity"] == {"fraction": 0.5, "rule": "topk"}
     assert meta["hyperparameters"] == {"alpha": 0.125, "percdamp": 0.01, "blocksize": 128,
-                                       "act_order": True, "device": "cpu"}
+                                       "act_order": True, "true_sequential": True, "device": "cpu"}
     assert {k: meta["calibration"][k] for k in ("nsamples", "seqlen", "seed", "tokens")} == \
         {"nsamples": 8, "seqlen": 32, "seed": 0, "tokens": 256}
     assert set(meta["versions"]) == {"duogpt", "torch", "transformers", "python"}
@@ -128,8 +129,63 @@ def test_every_method_reaches_the_weight_sparsity(method, weight_sparsity):
         assert W.isfinite().all()
         if isinstance(weight_sparsity, tuple):
             assert bool(((W == 0).view(W.shape[0], -1, 4).sum(-1) == 2).all()), name
+        else:
+            assert (W == 0).float().mean().item() == 0.5, name
     if method == "magnitude":
         assert report.calibration["source"] is None  # no data read
+
+
+def _wanda_transcription(model: LlamaForCausalLM, ids: torch.Tensor,
+                         stages: list[list[str]]) -> None:
+    """Wanda's own flow (locuslab/wanda `prune_wanda`), layer by layer, with whole-model forwards:
+    each stage's projections record their inputs in one pass over the calibration windows (the
+    model as pruned so far), then are pruned. Wanda's code has one stage per layer: all seven."""
+    from duogpt.solver.baselines import WandaPruner
+    from duogpt.solver.masks import WeightSparsity
+
+    for layer in model.model.layers:
+        for stage in stages:
+            modules = {name: layer.get_submodule(name) for name in stage}
+            pruners = {name: WandaPruner(m.in_features, WeightSparsity.of(0.5)) for name, m in modules.items()}
+            handles = [m.register_forward_pre_hook(lambda _m, args, pruner=pruners[name]: pruner.add_batch(args[0]))
+                       for name, m in modules.items()]
+            with torch.no_grad():
+                for s in range(ids.shape[0]):
+                    model(ids[s:s + 1], use_cache=False)
+            for h in handles:
+                h.remove()
+            for name, m in modules.items():
+                m.weight.data.copy_(pruners[name].prune(m.weight).weight)
+
+
+@pytest.mark.parametrize("true_sequential", [None, True], ids=["default", "true-sequential"])
+def test_wanda_gathers_a_layers_inputs_in_one_pass_unless_true_sequential(true_sequential):
+    """Like the originals (SparseGPT's and Wanda's default flow), a baseline calibrates all seven
+    projections of a layer on its unpruned inputs; `true_sequential` prunes the groups one after
+    another, each calibrated on the earlier groups' pruned outputs (SparseGPT's option)."""
+    from duogpt.models.adapters import GROUPS, PROJECTIONS
+
+    ids = torch.randint(3, len(WORDS) + 3, (4, 16))
+    stages = [list(group) for group in GROUPS] if true_sequential else [list(PROJECTIONS)]
+    want, other = _tiny_model(), _tiny_model()
+    _wanda_transcription(want, ids, stages)
+    _wanda_transcription(other, ids, [list(PROJECTIONS)] if true_sequential else
+                         [list(group) for group in GROUPS])
+    got = _tiny_model()
+    report = duogpt.prune(got, None, ids, method="wanda", true_sequential=true_sequential,
+                          device="cpu", progress=False)
+    assert report.metadata("tiny")["hyperparameters"]["true_sequential"] is bool(true_sequential)
+    for name, linear in layer_map(got).named_projections().items():
+        w = dict(want.named_parameters())[name + ".weight"]
+        assert torch.equal(linear.weight == 0, w == 0), name
+    mlp = "model.layers.0.mlp.down_proj.weight"  # the two flows feed it different inputs
+    assert not torch.equal(dict(want.named_parameters())[mlp] == 0, dict(other.named_parameters())[mlp] == 0)
+
+
+@pytest.mark.parametrize("flags, recorded", [((), False), (("--true-sequential",), True)])
+def test_cli_records_whether_a_baseline_ran_true_sequential(tiny, tmp_path, flags, recorded):
+    assert _prune_cli(tiny, tmp_path / "out", "--method", "sparsegpt", *flags) == 0
+    assert read_metadata(tmp_path / "out")["hyperparameters"]["true_sequential"] is recorded
 
 
 def test_perplexity_before_and_after_pruning_is_printed_and_recorded(tiny, tmp_path, capsys):
@@ -255,6 +311,7 @@ def test_interrupted_run_resumes_from_the_last_finished_layer(monkeypatch, tmp_p
     for name, linear in layer_map(resumed).named_projections().items():
         assert torch.equal(linear.weight, reference.get_submodule(name).weight), name
     assert set(report.layers) == set(layer_map(resumed).named_projections())
+    assert report.metadata("tiny")["resumed_layers"] == [0]  # its time is not in these timings
 
     with pytest.raises(ValueError, match="other settings"):
         duogpt.prune(_tiny_model(), None, ids, config, work_dir=tmp_path / "work", alpha=0.25,
@@ -430,6 +487,8 @@ def test_bad_settings_are_refused():
     for seed in (-1, 2**64):
         with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
             PruneConfig(seed=seed)
+    with pytest.raises(ValueError, match="DuoGPT prunes a layer's groups one after another"):
+        PruneConfig(true_sequential=False)
 
 
 def test_prune_takes_a_cuda_device_index(monkeypatch):

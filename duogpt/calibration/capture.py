@@ -2,8 +2,8 @@
 
 `capture_layer_inputs` records what enters decoder layer 0 (hidden states plus the keyword
 arguments the model passes every layer: rotary `position_embeddings`, the attention mask,
-`position_ids`), so later layers can be run on their own. `module_input` runs a layer only as far
-as one projection and returns that projection's input.
+`position_ids`), so later layers can be run on their own. `module_inputs` runs a layer only as far
+as the projections asked for and returns their inputs.
 """
 
 from __future__ import annotations
@@ -91,30 +91,39 @@ def layer_forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch
     return out[0] if isinstance(out, tuple) else out
 
 
-def module_input(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, kwargs: dict, *,
-                 before_hooks: bool = False) -> torch.Tensor:
-    """The input of `module` (a submodule of `layer`) when `hidden` enters `layer`.
+def module_inputs(layer: nn.Module, modules: list[nn.Module], hidden: torch.Tensor, kwargs: dict, *,
+                  before_hooks: bool = False) -> list[torch.Tensor]:
+    """The inputs of `modules` (submodules of `layer`, in any order) when `hidden` enters `layer`.
 
-    The forward stops at `module`, so nothing after it runs.
+    The forward stops once the last of them is reached, so nothing after it runs.
 
     Args:
-        before_hooks: record the input before `module`'s other forward pre-hooks (for example
+        before_hooks: record each input before the module's other forward pre-hooks (for example
             the activation sparsifier) change it; by default it is recorded after them.
+
+    Returns:
+        one tensor per module, in the order of `modules`.
     """
-    captured = []
+    captured: dict[int, torch.Tensor] = {}
 
-    def catch(_module, args):
-        captured.append(args[0])
-        raise _StopForward
+    def catcher(i: int):
+        def catch(_module, args):
+            captured[i] = args[0]
+            if len(captured) == len(modules):
+                raise _StopForward
+        return catch
 
-    handle = module.register_forward_pre_hook(catch, prepend=before_hooks)
+    handles = [m.register_forward_pre_hook(catcher(i), prepend=before_hooks)
+               for i, m in enumerate(modules)]
     try:
         layer(hidden, **kwargs)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"{type(module).__name__} was not called by {type(layer).__name__}; "
-                           f"the decoder layer does not use the LLaMA projections")
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    missing = [type(m).__name__ for i, m in enumerate(modules) if i not in captured]
+    if missing:
+        raise RuntimeError(f"{type(layer).__name__} never called {', '.join(missing)}; the decoder "
+                           f"layer does not use the LLaMA projections")
+    return [captured[i] for i in range(len(modules))]

@@ -9,10 +9,12 @@ statistics. Two streams enter each layer:
 * dense (`X̃`, DuoGPT only): the original model, no activation sparsity.
 
 Per layer: one dense pass caches the inputs of the four input-sharing groups (one tensor per
-group, never one per projection) and advances the dense stream; then for each group in order
-`[q, k, v]`, `[o]`, `[gate, up]`, `[down]`: (threshold rule: calibrate the group's activation
-threshold), run the sparse stream up to the group with the earlier groups already pruned,
-accumulate the group's statistics, prune its projections. Finally the sparse stream advances
+group, never one per projection) and advances the dense stream. Then, true-sequential (DuoGPT,
+or a baseline asked to), for each group in order `[q, k, v]`, `[o]`, `[gate, up]`, `[down]`:
+(threshold rule: calibrate the group's activation threshold), run the sparse stream up to the
+group with the earlier groups already pruned, accumulate the group's statistics, prune its
+projections. Otherwise (the baselines, like their originals) one pass of the sparse stream
+gathers all four groups' statistics before any is pruned. Finally the sparse stream advances
 through the pruned layer.
 """
 
@@ -32,7 +34,7 @@ from duogpt.calibration.capture import (
     check_uniform_layers,
     device_of,
     layer_forward,
-    module_input,
+    module_inputs,
 )
 from duogpt.models import layer_map
 from duogpt.models.adapters import GROUPS, PROJECTIONS
@@ -55,11 +57,14 @@ class PipelineResult:
         layers: `{full module name: {"sparsity", "seconds", "shape"[, "damping"]}}`.
         thresholds: `{full module name: [in] float32}` for the threshold rule, else empty.
         timings: seconds spent capturing, running the streams, and solving.
+        resumed: indices of the layers loaded from the store, pruned by an earlier run (their
+            solve time is in `layers`, not in `timings`).
     """
 
     layers: dict[str, dict]
     thresholds: dict[str, torch.Tensor]
     timings: dict[str, float]
+    resumed: list[int]
 
 
 def make_pruner(config: PruneConfig, columns: int, device: torch.device, label: str):
@@ -112,6 +117,7 @@ class Pipeline:
             self.dense = self.sparse.clone() if self.two_stream else None
             self.timings["capture_s"] = time.perf_counter() - start
         count = len(self.lm.layers)
+        resumed = [] if self.store is None else [i for i in range(count) if i in self.store]
         for i in _bar(self.progress, iterable=range(count), desc="pruning", unit="layer"):
             start = time.perf_counter()
             layer_reports, layer_thresholds = self._layer(i)
@@ -121,7 +127,7 @@ class Pipeline:
             numel = sum(r["shape"][0] * r["shape"][1] for r in layer_reports.values())
             logger.info("layer %d/%d: weight sparsity %.4f, %.1f s", i + 1, count, zeros / numel,
                         time.perf_counter() - start)
-        return PipelineResult(layers, thresholds, self.timings)
+        return PipelineResult(layers, thresholds, self.timings, resumed)
 
     def _layer(self, i: int) -> tuple[dict, dict]:
         layer = self.lm.layers[i]
@@ -130,8 +136,8 @@ class Pipeline:
         prefix = f"model.layers.{i}."
         modules = {prefix + name: layer.get_submodule(name) for name in PROJECTIONS}
         finished = self.store is not None and i in self.store
-        per_group = (self.config.activation_rule == "threshold") + self.config.uses_inputs
-        passes = self.two_stream + 1 + (0 if finished else len(GROUPS) * per_group)
+        per_stage = (self.config.activation_rule == "threshold") + self.config.uses_inputs
+        passes = self.two_stream + 1 + (0 if finished else len(self._stages()) * per_stage)
         samples = 0 if self.sparse is None else self.sparse.shape[0]
         bar = _bar(self.progress, total=passes * samples, desc=f"layer {i + 1}/{len(self.lm.layers)}",
                    leave=False)
@@ -190,48 +196,69 @@ class Pipeline:
         self.timings["streams_s"] += time.perf_counter() - start
         return caches if cache else None
 
+    def _stages(self) -> list[tuple[int, ...]]:
+        """The groups (indices into GROUPS) calibrated and pruned together: one at a time when
+        true-sequential, else all four from one pass of the sparse stream."""
+        if self.config.use_true_sequential:
+            return [(g,) for g in range(len(GROUPS))]
+        return [tuple(range(len(GROUPS)))]
+
     def _prune_groups(self, layer: nn.Module, prefix: str, modules: dict[str, nn.Module],
                       dense_inputs: list[torch.Tensor] | None, bar: tqdm) -> tuple[dict, dict]:
         thresholds, reports = {}, {}
-        for g, group in enumerate(GROUPS):
-            names = [prefix + name for name in group]
-            first = layer.get_submodule(group[0])
+        for stage in self._stages():
+            firsts = [layer.get_submodule(GROUPS[g][0]) for g in stage]
             if self.config.activation_rule == "threshold":
-                t = self._calibrate_threshold(layer, first, modules, thresholds, bar)
-                thresholds.update({n: torch.full((first.in_features,), t) for n in names})
-            pruner = make_pruner(self.config, first.in_features, self.device, ", ".join(names))
+                found = self._calibrate_thresholds(layer, firsts, modules, thresholds, bar)
+                for g, first, t in zip(stage, firsts, found):
+                    thresholds.update({prefix + name: torch.full((first.in_features,), t)
+                                       for name in GROUPS[g]})
+            pruners = [make_pruner(self.config, first.in_features, self.device,
+                                   ", ".join(prefix + name for name in GROUPS[g]))
+                       for g, first in zip(stage, firsts)]
             if self.config.uses_inputs:
                 start = time.perf_counter()
                 with sparsified_inputs(modules, self._calibration_sparsity(thresholds)):
                     for s, x in self._samples(self.sparse, bar):
-                        x_tilde = None if dense_inputs is None else dense_inputs[g][s:s + 1].to(self.device)
-                        pruner.add_batch(module_input(layer, first, x, self.kwargs), x_tilde)
+                        inputs = module_inputs(layer, firsts, x, self.kwargs)
+                        for g, pruner, X_hat in zip(stage, pruners, inputs):
+                            X_tilde = None if dense_inputs is None else dense_inputs[g][s:s + 1].to(self.device)
+                            pruner.add_batch(X_hat, X_tilde)
                 self.timings["streams_s"] += time.perf_counter() - start
-            for full in names:
-                module = modules[full]
-                start = time.perf_counter()
-                weight, percdamp = pruner.prune(module.weight)
-                module.weight.copy_(weight)
-                seconds = time.perf_counter() - start
-                self.timings["solve_s"] += seconds
-                reports[full] = {"sparsity": (module.weight == 0).float().mean().item(),
-                                 "seconds": round(seconds, 4), "shape": list(weight.shape)}
-                if percdamp is not None:
-                    reports[full]["damping"] = percdamp
-            pruner.free()
+            for g, pruner in zip(stage, pruners):
+                for name in GROUPS[g]:
+                    reports[prefix + name] = self._prune_module(modules[prefix + name], pruner)
+                pruner.free()
         return thresholds, reports
 
-    def _calibrate_threshold(self, layer: nn.Module, first: nn.Module, modules: dict[str, nn.Module],
-                             thresholds: dict[str, torch.Tensor], bar: tqdm) -> float:
-        """The activation threshold of a group from its raw inputs on the sparse stream (what the
-        pruned model feeds it, earlier groups already sparsified for DuoGPT)."""
+    def _prune_module(self, module: nn.Module, pruner) -> dict:
+        """Prune `module.weight` in place with its group's pruner; its report."""
         start = time.perf_counter()
-        histogram = ThresholdHistogram()
+        weight, percdamp = pruner.prune(module.weight)
+        module.weight.copy_(weight)
+        seconds = time.perf_counter() - start
+        self.timings["solve_s"] += seconds
+        report = {"sparsity": (module.weight == 0).float().mean().item(),
+                  "seconds": round(seconds, 4), "shape": list(weight.shape)}
+        if percdamp is not None:
+            report["damping"] = percdamp
+        return report
+
+    def _calibrate_thresholds(self, layer: nn.Module, firsts: list[nn.Module],
+                              modules: dict[str, nn.Module], thresholds: dict[str, torch.Tensor],
+                              bar: tqdm) -> list[float]:
+        """The activation threshold of each group (by its first module) from its raw inputs on the
+        sparse stream (what the pruned model feeds it, earlier groups already sparsified for
+        DuoGPT)."""
+        start = time.perf_counter()
+        histograms = [ThresholdHistogram() for _ in firsts]
         with sparsified_inputs(modules, self._calibration_sparsity(thresholds)):
             for _, x in self._samples(self.sparse, bar):
-                histogram.add(module_input(layer, first, x, self.kwargs, before_hooks=True))
+                inputs = module_inputs(layer, firsts, x, self.kwargs, before_hooks=True)
+                for histogram, X in zip(histograms, inputs):
+                    histogram.add(X)
         self.timings["streams_s"] += time.perf_counter() - start
-        return histogram.threshold(self.config.activation_sparsity)
+        return [h.threshold(self.config.activation_sparsity) for h in histograms]
 
     def _advance_sparse(self, layer: nn.Module, modules: dict[str, nn.Module],
                         thresholds: dict[str, torch.Tensor], bar: tqdm) -> None:
