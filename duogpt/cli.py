@@ -214,8 +214,16 @@ def _run_prune(args) -> int:
     shutil.rmtree(work)
     print(f"saved {out}: {config.method}, weight sparsity {report.weight_sparsity:.4f} "
           f"({config.weight}), activation sparsity {rule.fraction:g} ({rule.rule}), "
-          f"{report.timings['total_s']:.0f} s")
+          f"{report.timings['total_s']:.0f} s{_resumed(len(report.resumed_layers))}")
     return 0
+
+
+def _resumed(layers: int) -> str:
+    """What the summary line adds when layers came from an interrupted run (their time is not in
+    the seconds it prints)."""
+    if not layers:
+        return ""
+    return f" ({layers} layer{'s' if layers > 1 else ''} resumed from the interrupted run)"
 
 
 # --- pack ------------------------------------------------------------------------------------

@@ -375,6 +375,24 @@ def test_cli_refuses_a_leftover_partial_run_without_resume(tiny, tmp_path, capsy
     assert _prune_cli(tiny, tmp_path / "pruned", "--resume") == 0
 
 
+def test_cli_resume_says_how_many_layers_came_from_the_interrupted_run(tiny, tmp_path, capsys,
+                                                                      monkeypatch):
+    original = Pipeline._layer
+
+    def interrupt_at_layer_1(self, i):
+        if i == 1:
+            raise KeyboardInterrupt
+        return original(self, i)
+
+    monkeypatch.setattr(Pipeline, "_layer", interrupt_at_layer_1)
+    assert _prune_cli(tiny, tmp_path / "pruned") == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert _prune_cli(tiny, tmp_path / "pruned", "--resume") == 0
+    assert "s (1 layer resumed from the interrupted run)" in capsys.readouterr().out
+    assert read_metadata(tmp_path / "pruned")["resumed_layers"] == [0]
+
+
 def test_an_unwritable_out_fails_before_the_model_loads(tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     assert main(["prune", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "a-file" / "x"),
