@@ -95,6 +95,9 @@ def main() -> None:
         pairs = list(zip(results["native"], results["reference"], strict=True))
         diff = max((a - b).abs().max().item() for a, b in pairs)
         agree = sum(((a == 0) == (b == 0)).float().mean().item() for a, b in pairs) / len(pairs)
+        if agree != 1.0 or diff > 1e-3:  # a wrong kernel must not post a time
+            raise SystemExit(f"{group}: the native kernel disagrees with the reference (masks agree "
+                             f"on {agree:.6f}, largest difference {diff:.2e})")
         print(f"| {group} | {k} | {', '.join(map(str, outs))} | {times['native']:.3f} | "
               f"{times['reference']:.3f} | {times['reference'] / times['native']:.1f}x | {diff:.2e} | "
               f"{agree:.6f} |")
