@@ -1,5 +1,5 @@
 // Decode GEMV benchmark: spmspv_cpu (bitmap weight x top-k sparsified activations) against
-// dense_gemv_cpu (the dense baseline over the same weights), with two ceilings measured in the same
+// dense_gemv_cpu (the dense baseline over the same weights), with ceilings measured in the same
 // run: the machine's large-copy and read bandwidths (the faster of memcpy and a non-temporal AVX2
 // copy; of a summing loop and an AVX2 read), and spmspv's own rate with its weight in L2.
 //
