@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from duogpt.eval.data import eval_text
+from duogpt.eval.data import eval_text, tokenize
 from duogpt.models import layer_map, load_model
 from duogpt.models.adapters import GROUPS
 from duogpt.ops.reference import activation_keep_mask
@@ -35,7 +35,7 @@ def main() -> None:
 
     model, tokenizer = load_model("smollm2-135m")
     text, _ = eval_text("wikitext2")
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    ids = tokenize(tokenizer, text)[0]
     windows = ids[: 8 * args.seqlen].view(8, args.seqlen)  # eight consecutive, disjoint windows
     inputs: dict[str, list[torch.Tensor]] = {group[0]: [] for group in GROUPS}  # one per input
 
