@@ -4,7 +4,11 @@ CPU instruction set this machine supports, against the pure-PyTorch reference.""
 from __future__ import annotations
 
 import math
+import re
+import shutil
+import subprocess
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +117,30 @@ def test_dense_gemv_matches_reference(isa, shape, dtype, b):
     got = ops.dense_gemv(x, w)
     assert got.dtype == dtype
     assert_close_to_exact(got, reference.dense_gemv(x, w), x, w)
+
+
+NATIVE = Path(__file__).parent / "native"
+EMULATION_HOST = {"avx2", "fma", "f16c", "bmi2", "popcnt"}
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler (c++ on PATH)")
+@pytest.mark.skipif(not EMULATION_HOST <= set(_native.lib().cpu_features()),
+                    reason="the emulation runs the AVX2/F16C/BMI2 instructions around the AVX-512 ones")
+def test_avx512_kernels_match_the_scalar_ones_under_emulation(tmp_path):
+    """CPUs without AVX-512 (CI's) check the AVX-512 kernels' logic: gemv_avx512.cpp is compiled
+    against a scalar emulation of its AVX-512 intrinsics, with buffers as long as the kernels may
+    read under AddressSanitizer, and compared with the scalar kernels (tests/native)."""
+    exe = tmp_path / "gemv_avx512_emulated"
+    cpu = NATIVE.parents[1] / "csrc"
+    build = subprocess.run(
+        ["c++", "-std=c++17", "-O2", "-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mpopcnt",
+         "-Wno-psabi", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+         f"-I{cpu / 'include'}", f"-I{cpu / 'cpu'}", f"-I{NATIVE}", NATIVE / "gemv_avx512_emulated.cpp",
+         cpu / "cpu" / "gemv_scalar.cpp", "-o", exe], capture_output=True, text=True, check=False)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([exe], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.fullmatch(r"\d+ cases, 0 mismatches\n", run.stdout)
 
 
 def test_channels_without_kept_activations_are_never_read(isa):
