@@ -17,14 +17,18 @@ using namespace spmspv;  // NOLINT: kernels and tile constants of this family
 template <typename V, int BP>
 LaunchStatus launch_main_bp(const Params& p, dim3 grid, cudaStream_t stream) {
   // Prefer shared memory to L1 (the kernel stages its values through shared memory and reads
-  // little else), so that five CTAs fit an SM. Set once per process, or again on the next call
-  // after a failure; concurrent first calls set the same value.
-  static std::atomic<bool> carveout_set{false};
-  if (!carveout_set.load(std::memory_order_relaxed)) {
+  // little else), so that five CTAs fit an SM. The attribute belongs to the current device's copy
+  // of the kernel: set once per device (a bit each, devices 0-63; others on every call), or again
+  // on the next call after a failure; concurrent first calls set the same value.
+  static std::atomic<uint64_t> carveout_set{0};
+  int device = 0;
+  DUOGPT_CUDA_TRY(cudaGetDevice(&device));
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (!(carveout_set.load(std::memory_order_relaxed) & bit)) {
     DUOGPT_CUDA_TRY(cudaFuncSetAttribute(spmspv_kernel<V, BP>,
                                          cudaFuncAttributePreferredSharedMemoryCarveout,
                                          int(cudaSharedmemCarveoutMaxShared)));
-    carveout_set.store(true, std::memory_order_relaxed);
+    carveout_set.fetch_or(bit, std::memory_order_relaxed);
   }
   spmspv_kernel<V, BP><<<grid, kThreads, 0, stream>>>(p);
   DUOGPT_CUDA_TRY(cudaGetLastError());
