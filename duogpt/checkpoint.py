@@ -2,7 +2,9 @@
 
 Plain transformers loads the folder as a dense model. `duogpt.json` records how it was made and
 the activation rule to run it with; for the threshold rule the per-projection thresholds sit in
-`duogpt_thresholds.safetensors`. Never a compressed-tensors `sparsity_config` (ecosystem.md 0.1).
+`duogpt_thresholds.safetensors`. Never a compressed-tensors `sparsity_config`:
+compressed-tensors dropped its sparse formats in 2026, and vLLM refuses any checkpoint whose
+`sparsity_config` has targets.
 
 Writes go to a temporary sibling folder that is renamed into place at the end, so an interrupted
 save never leaves a half-written checkpoint at the destination.

@@ -9,7 +9,7 @@
                           activation_sparsity=0.5, nsamples=64, seqlen=512)
     save_pruned(model, tokenizer, "out", report.metadata("smollm2-135m"), report.activation_sparsity)
 
-Methods (algorithm.md 5-7, 9): `duogpt` (two streams, activation-sparse calibration, asymmetric
+Methods (docs/algorithm.md, docs/pruning.md): `duogpt` (two streams, activation-sparse calibration, asymmetric
 OBS), `sparsegpt` (one stream, OBS), `wanda` (|W|·||X||, per row), `magnitude` (|W|, per matrix).
 """
 
@@ -58,7 +58,7 @@ class PruneConfig:
             would form the groups in permuted order).
         true_sequential: calibrate and prune a layer's input-sharing groups one after another,
             each on the inputs that the earlier, already pruned groups produce (SparseGPT's
-            `--true-sequential`); None = on for DuoGPT (its flow, algorithm.md 6), off for the
+            `--true-sequential`); None = on for DuoGPT (its flow, docs/pruning.md), off for the
             baselines, whose originals gather all of a layer's inputs in one pass. DuoGPT needs
             it: its sparse stream reaches each group through the earlier groups' sparsity.
         nsamples, seqlen, seed: calibration windows (seqlen is bounded on purpose: memory and
@@ -91,7 +91,8 @@ class PruneConfig:
         if weight.is_nm and self.act_order:
             raise ValueError("act_order forms N:M groups in permuted order; leave it off for N:M")
         if self.method == "duogpt" and self.true_sequential is False:
-            raise ValueError("DuoGPT prunes a layer's groups one after another (algorithm.md 6); "
+            raise ValueError("DuoGPT prunes a layer's groups one after another (each group's sparse "
+                             "inputs come through the earlier groups' pruning); "
                              "true_sequential=False is for the baselines")
         if weight.is_nm and self.blocksize % weight.m:
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of M = {weight.m}")

@@ -1,7 +1,7 @@
 """Activation sparsity: the rule that zeroes projection inputs, identical in calibration,
 evaluation and the engine.
 
-Two rules (algorithm.md 3): `topk` (the paper's: per token, drop the `floor(in * p_a)` smallest
+Two rules (docs/pruning.md, Activation sparsity): `topk` (the paper's: per token, drop the `floor(in * p_a)` smallest
 |x|) and `threshold` (TEAL's: keep |x| > t with one calibrated threshold vector per projection).
 The exact semantics, ties and NaN included, are those of `duogpt.ops.reference.sparsify`, which
 the spmspv kernels fuse.
@@ -89,7 +89,7 @@ def sparsified_inputs(modules: Mapping[str, nn.Module], sparsity: ActivationSpar
 
 
 class ThresholdHistogram:
-    """TEAL-style calibration of one projection input's threshold (algorithm.md 9.4), streaming.
+    """TEAL-style calibration of one projection input's threshold, streaming.
 
     `|x|` is counted into `bins` equal bins spanning `[0, q99]` of the first batch, plus one
     overflow bin; the threshold for sparsity `p` is the inverse CDF at `p`, interpolated linearly

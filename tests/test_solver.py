@@ -1,4 +1,4 @@
-"""The pruning solvers on synthetic layers: algorithm.md 5.4's identities, the SparseGPT special
+"""The pruning solvers on synthetic layers: docs/algorithm.md 3.4's identities, the SparseGPT special
 case, exact per-block sparsity, valid N:M masks, dampening retries, and native == reference."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _solve(W, X_hat, X_tilde=None, sparsity=HALF, **kwargs):
 
 
 def test_paper_identities_hold_for_the_solver_factors():
-    """algorithm.md 5.4 in float64: with alpha = 1 the score is the energy of the part of
+    """docs/algorithm.md 3.4 in float64: with alpha = 1 the score is the energy of the part of
     `w_p X̃_p` the later sparse inputs cannot reproduce, and the update is its least-squares fit."""
     k, m = 12, 400
     X_hat, X_tilde = _streams(k, m, dtype=torch.float64)
@@ -203,7 +203,7 @@ def test_native_and_reference_block_loops_agree(sparsity):
 
 def test_duogpt_fits_the_dense_output_better_than_sparsegpt():
     """The point of the method: with activation-sparse inputs, DuoGPT's pruned layer is closer to
-    the dense layer on dense inputs than SparseGPT's (the objective of algorithm.md 4.1)."""
+    the dense layer on dense inputs than SparseGPT's (the objective of docs/algorithm.md 2)."""
     X_hat, X_tilde = _streams(256, 2000)
     W = torch.randn(128, 256)
     target = X_tilde @ W.T

@@ -1,4 +1,4 @@
-"""Running calibration data one decoder layer at a time (algorithm.md 6, steps 2 and 4).
+"""Running calibration data one decoder layer at a time (docs/pruning.md, Pipeline steps 2-4).
 
 `capture_layer_inputs` records what enters decoder layer 0 (hidden states plus the keyword
 arguments the model passes every layer: rotary `position_embeddings`, the attention mask,

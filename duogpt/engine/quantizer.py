@@ -8,7 +8,8 @@ model skeleton (on `meta`) to `DuoGPTQuantizer`, which replaces the seven projec
 layer by `SparseLinear` modules sized from the safetensors headers; transformers then loads the
 packed tensors into them. After loading, every packed weight is validated and nothing may be left
 unloaded: a checkpoint missing a tensor, or with a corrupted one, raises ValueError instead of
-returning a model with random weights (ecosystem.md 0.2).
+returning a model with random weights (what transformers does with an unregistered
+`quant_method`: it loads the folder as dense and leaves the projections randomly initialised).
 """
 
 from __future__ import annotations

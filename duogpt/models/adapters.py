@@ -14,7 +14,7 @@ import logging
 from torch import nn
 
 # The seven projections whose weights are pruned and whose inputs are sparsified, in the
-# input-sharing groups the solver processes in order (algorithm.md 6, step 4.3).
+# input-sharing groups the solver processes in order (docs/pruning.md, Pipeline step 4).
 GROUPS: tuple[tuple[str, ...], ...] = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("self_attn.o_proj",),

@@ -1,4 +1,4 @@
-"""`obs_prune_block`: the solver's fused column loop over one block (algorithm.md 5.5 step 6c)."""
+"""`obs_prune_block`: the solver's fused column loop over one block (docs/algorithm.md 3.5, step 6.3)."""
 
 from __future__ import annotations
 

@@ -133,7 +133,7 @@ def obs_prune_block(
     prunem: int = 0,
     score_coef: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The solver's column loop over one block (algorithm.md 5.5 step 6c), in place on `W1`.
+    """The solver's column loop over one block (docs/algorithm.md 3.5, step 6.3), in place on `W1`.
 
     Args:
         W1: `[n, B]` float32 block weights; on return, the pruned block.

@@ -1,4 +1,4 @@
-"""The mask-only baselines: Wanda and magnitude (algorithm.md 9.3, 9.1 `--gmp`). No weight update.
+"""The mask-only baselines: Wanda and magnitude (docs/algorithm.md 4). No weight update.
 
 They share `OBSSolver`'s interface (`add_batch`, `prune`, `free`) so the layer-by-layer pipeline
 drives every method the same way.

@@ -1,4 +1,4 @@
-"""The OBS solver of DuoGPT (algorithm.md 5) and, with one stream, of SparseGPT (9.1).
+"""The OBS solver of DuoGPT (docs/algorithm.md 3) and, with one stream, of SparseGPT (4.1).
 
 One `OBSSolver` serves the projections that share one input (`[q, k, v]`, `[o]`, `[gate, up]`,
 `[down]`): it accumulates `H`, `Delta` and `a` once, factorises once, and prunes each sibling's
@@ -31,7 +31,7 @@ class Factors(NamedTuple):
     Attributes:
         U: `[k, k]` float32 upper Cholesky factor of `(H + λI)⁻¹`.
         P: `[k, k]` float32 compensation term `α (Q⊙M) U`, or None (one stream: SparseGPT).
-        coef: `[k]` float32 score factor: `S = W² · coef` (algorithm.md 5.2), 0 on dead inputs.
+        coef: `[k]` float32 score factor: `S = W² · coef` (docs/algorithm.md 3.2), 0 on dead inputs.
         dead: `[k]` bool, inputs that were zero for every calibration token.
         perm: `[k]` int64 processing order of the input channels, or None.
         percdamp: the dampening that made `H + λI` positive definite.
@@ -71,7 +71,7 @@ def inverse_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor | None:
 
 def compensation(U: torch.Tensor, Delta: torch.Tensor | None, a: torch.Tensor | None,
                  alpha: float) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The precomputed score factor and compensation term (algorithm.md 5.1 item 3, 5.2).
+    """The precomputed score factor and compensation term (docs/algorithm.md 3.1 item 3, 3.2).
 
     Args:
         U: `[k, k]` upper Cholesky factor of `H⁻¹`.
@@ -168,7 +168,7 @@ class OBSSolver:
         # without coupling them, and they are always pruned (like SparseGPT, a block may exceed
         # p_w, an N:M group N). Their weights are not zeroed up front, so with two streams the
         # column step still pushes their dense-stream share w_d X̃_d onto later columns
-        # (algorithm.md 6, caveat); a dead weight kept as well would count that share twice.
+        # (docs/algorithm.md 3.5, step 2); a dead weight kept as well would count that share twice.
         dead = H.diagonal() == 0
         H.diagonal()[dead] = 1.0
         perm = None
@@ -193,7 +193,7 @@ class OBSSolver:
 
     @torch.no_grad()
     def prune(self, W: torch.Tensor) -> Pruned:
-        """Prune one weight of the group (algorithm.md 5.5 steps 6-7).
+        """Prune one weight of the group (docs/algorithm.md 3.5, steps 6-7).
 
         Args:
             W: `[n, k]` weight (any float dtype, on the solver's device); not modified.

@@ -1,4 +1,4 @@
-"""The layer-by-layer pruning pipeline (algorithm.md 6), shared by every method.
+"""The layer-by-layer pruning pipeline (docs/pruning.md, Pipeline), shared by every method.
 
 Decoder layers visit the compute device one at a time; the calibration hidden states stay on
 CPU and stream through sample by sample, so device memory holds about one layer plus one group's

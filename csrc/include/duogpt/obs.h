@@ -1,4 +1,4 @@
-/// The solver's column loop over one block of B columns (algorithm.md 5.5 step 6c).
+/// The solver's column loop over one block of B columns (docs/algorithm.md 3.5, step 6.3).
 #pragma once
 
 #include <cstdint>
