@@ -9,8 +9,9 @@
                           activation_sparsity=0.5, nsamples=64, seqlen=512)
     save_pruned(model, tokenizer, "out", report.metadata("smollm2-135m"), report.activation_sparsity)
 
-Methods (docs/algorithm.md, docs/pruning.md): `duogpt` (two streams, activation-sparse calibration, asymmetric
-OBS), `sparsegpt` (one stream, OBS), `wanda` (|W|·||X||, per row), `magnitude` (|W|, per matrix).
+Methods (docs/algorithm.md, docs/pruning.md): `duogpt` (two streams, activation-sparse
+calibration, asymmetric OBS), `sparsegpt` (one stream, OBS), `wanda` (|W|·||X||, per row),
+`magnitude` (|W|, per matrix).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`obs_prune_block`: the solver's fused column loop over one block (docs/algorithm.md 3.5, step 6.3)."""
+"""`obs_prune_block`: the solver's fused column loop over one block (docs/algorithm.md 3.5,
+step 6.3)."""
 
 from __future__ import annotations
 
