@@ -94,6 +94,23 @@ def test_corrupted_state_dict_is_rejected(corrupt, message):
         BitmapWeight.from_state_dict(sd)
 
 
+def test_torch_save_and_load_round_trip_under_weights_only(tmp_path):
+    """torch.load's default (weights_only=True) reads a saved BitmapWeight, alone or in a dict."""
+    w = random_sparse(100, 30, 0.5, torch.bfloat16)
+    torch.save({"w": BitmapWeight.from_dense(w)}, tmp_path / "w.pt")
+    back = torch.load(tmp_path / "w.pt", weights_only=True)["w"]
+    assert isinstance(back, BitmapWeight) and back.dtype == torch.bfloat16
+    assert torch.equal(back.to_dense(), w)
+
+
+def test_a_loaded_pickle_is_validated_before_any_kernel_reads_it(tmp_path):
+    bw = BitmapWeight.from_dense(random_sparse(70, 20, 0.5))
+    corrupt = BitmapWeight(bw.bitmap, bw.values[:-1], bw.offsets, bw.shape)  # no checks on this path
+    torch.save(corrupt, tmp_path / "w.pt")
+    with pytest.raises(ValueError, match="offsets end at"):
+        torch.load(tmp_path / "w.pt")
+
+
 def test_offsets_that_wrapped_past_int32_are_rejected():
     """2^32 set bits with no values: the offsets' int32 prefix sums wrap back to 0 at the end, so
     tile-by-tile differences agree with the popcounts (512 MiB of bitmap)."""

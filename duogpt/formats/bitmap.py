@@ -80,6 +80,12 @@ class BitmapWeight:
                 f"{prefix}offsets": self.offsets,
                 f"{prefix}shape": torch.tensor(self.shape, dtype=torch.int64)}
 
+    def __reduce__(self):
+        # torch.save pickles the state_dict, and torch.load rebuilds it through from_state_dict:
+        # its default weights_only unpickler accepts that (registered below), and the tensors of
+        # an untrusted file are validated like a checkpoint's before any kernel reads them.
+        return _from_pickle, (self.state_dict(), FORMAT_VERSION)
+
     @classmethod
     def from_state_dict(cls, tensors: dict[str, torch.Tensor], prefix: str = "",
                         format_version: int = FORMAT_VERSION) -> BitmapWeight:
@@ -109,3 +115,10 @@ class BitmapWeight:
         _native.lib().bitmap_validate_cpu(bitmap_cpu.data_ptr(), offsets_cpu.data_ptr(), n, k,
                                           values.numel())
         return cls(bitmap, values.contiguous(), offsets, (n, k))
+
+
+def _from_pickle(tensors: dict[str, torch.Tensor], format_version: int) -> BitmapWeight:
+    return BitmapWeight.from_state_dict(tensors, format_version=format_version)
+
+
+torch.serialization.add_safe_globals([_from_pickle])
