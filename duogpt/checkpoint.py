@@ -101,12 +101,20 @@ def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
 
 @contextlib.contextmanager
 def reading_weights(path: str | os.PathLike) -> Iterator[None]:
-    """Re-raise a safetensors read failure under `path` as a ValueError that names it."""
+    """Re-raise a safetensors read failure under `path`, or transformers' refusal of weights whose
+    sizes differ from config.json's, as a ValueError that names it."""
     try:
         yield
     except SafetensorError as err:
         raise ValueError(f"{path}: a safetensors file cannot be read ({err}); the checkpoint is "
                          f"truncated or corrupted") from None
+    except RuntimeError as err:
+        # transformers' message names the flag that would load them anyway, as random weights.
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise ValueError(f"{path}: the weights do not have the sizes config.json gives them (see "
+                         f"the load report above); config.json does not belong to these "
+                         f"weights") from None
 
 
 def read_json(file: Path):

@@ -24,7 +24,7 @@ from duogpt.engine import SparseLinear, pack_checkpoint, save_packed, set_activa
 from duogpt.engine.dense import DenseGemvLinear, set_head_kernel, to_dense_engine
 from duogpt.engine.generate import Decoder
 from duogpt.engine.sparse_linear import sparse_projections
-from duogpt.models import layer_map
+from duogpt.models import layer_map, load_model
 from duogpt.ops.reference import sparsify
 from duogpt.sparsity import ActivationSparsity, sparsified_inputs
 
@@ -692,6 +692,33 @@ def test_a_config_that_disagrees_with_the_packed_shapes_is_refused(tiny, tmp_pat
     with pytest.raises(ValueError, match=r"k_proj: the stored weight is 32 x 64 but the model's "
                                          r"config makes this projection \d+ x 64"):
         duogpt.load(edited)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 4])
+def test_a_dense_checkpoint_whose_config_disagrees_with_its_weights_is_refused(tiny, tmp_path, kv_heads):
+    """Loading names the mismatch (not transformers' traceback), and packing refuses it and writes
+    nothing, rather than a packed folder that no loader accepts."""
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny[2], edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps(config | {"num_key_value_heads": kv_heads}))
+    for load in (duogpt.load, lambda path: load_model(str(path))):
+        with pytest.raises(ValueError, match="config.json does not belong to these weights"):
+            load(edited)
+    with pytest.raises(ValueError, match=r"k_proj.weight is \(32, 64\) but config.json makes it"):
+        pack_checkpoint(edited, tmp_path / "packed")
+    assert [p.name for p in tmp_path.iterdir()] == ["edited"]
+
+
+def test_pack_refuses_thresholds_that_do_not_fit_their_projection(tmp_path):
+    model = tiny_pruned_model()
+    rule = thresholds(model)
+    name = next(iter(rule.thresholds))
+    rule = ActivationSparsity(0.5, "threshold", rule.thresholds | {name: rule.thresholds[name][:5]})
+    dense = save_pruned(model, tiny_tokenizer(), tmp_path / "dense", METADATA, rule)
+    with pytest.raises(ValueError, match=rf"{name}: the activation threshold has shape \(5,\)"):
+        pack_checkpoint(dense, tmp_path / "packed")
+    assert not (tmp_path / "packed").exists()
 
 
 class ScriptedLM(torch.nn.Module):

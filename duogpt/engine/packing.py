@@ -59,15 +59,32 @@ def weight_files(folder: Path) -> list[str]:
                      f"safetensors checkpoints only")
 
 
-def _pack_file(src: Path, dst: Path, dtype: torch.dtype | None,
-               sparsity: ActivationSparsity) -> tuple[dict[str, str], int, int]:
+def _expected_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of the model that `folder`'s config.json describes (built on `meta`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    return {key: tuple(t.shape) for key, t in model.state_dict().items()}
+
+
+def _pack_file(src: Path, dst: Path, dtype: torch.dtype | None, sparsity: ActivationSparsity,
+               expected: dict[str, tuple[int, ...]]) -> tuple[dict[str, str], int, int]:
     """Pack one safetensors file; returns ({key: file name}, packed bytes, dense bytes of the
-    projections)."""
+    projections). Tensors must have the shapes `expected` gives (those of config.json's model):
+    the loader would refuse a packed folder that does not fit its config.json, so none is
+    written."""
     out: dict[str, torch.Tensor] = {}
     packed_bytes = dense_bytes = 0
     with safe_open(str(src), "pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             tensor = f.get_tensor(key)
+            if _PROJECTION_WEIGHT.match(key) and key not in expected:
+                raise ValueError(f"{src}: config.json's model has no tensor {key}; config.json does "
+                                 f"not belong to these weights")
+            if key in expected and tuple(tensor.shape) != expected[key]:
+                raise ValueError(f"{src}: {key} is {tuple(tensor.shape)} but config.json makes it "
+                                 f"{expected[key]}; config.json does not belong to these weights")
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             match = _PROJECTION_WEIGHT.match(key)
@@ -80,6 +97,10 @@ def _pack_file(src: Path, dst: Path, dtype: torch.dtype | None,
             state[f"{module}.weight"] = state.pop(f"{module}.values")
             threshold = sparsity.kernel_args(module).get("threshold")
             if threshold is not None:
+                if tuple(threshold.shape) != (tensor.shape[1],):
+                    raise ValueError(f"{module}: the activation threshold has shape "
+                                     f"{tuple(threshold.shape)}, expected ({tensor.shape[1]},), one "
+                                     f"per input channel; the thresholds file is corrupted")
                 state[f"{module}.threshold"] = threshold.float().contiguous()
             out.update(state)
             packed_bytes += packed.nbytes
@@ -100,8 +121,9 @@ def pack_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: to
         overwrite: replace an existing `out` that is a duogpt checkpoint (holds duogpt.json).
 
     Raises:
-        ValueError: `src` is no duogpt checkpoint, is already packed, has no safetensors, or is
-            `out`, inside it or around it.
+        ValueError: `src` is no duogpt checkpoint, is already packed, has no safetensors, has
+            tensors or thresholds that do not fit its config.json, or is `out`, inside it or
+            around it.
         FileExistsError: `out` exists and `overwrite` is False, or it is no duogpt checkpoint.
     """
     src = Path(src)
@@ -117,6 +139,7 @@ def pack_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: to
     sparsity = read_activation_sparsity(src, meta)
     files = weight_files(src)
     config = read_json(src / CONFIG_FILE)
+    expected = _expected_shapes(src)
     rewritten = {CONFIG_FILE, METADATA_FILE, THRESHOLDS_FILE, INDEX_FILE, *files}
     with atomic_folder(out, overwrite=overwrite) as staging:
         for item in src.iterdir():
@@ -125,7 +148,7 @@ def pack_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: to
         weight_map, packed_bytes, dense_bytes = {}, 0, 0
         for name in files:
             with reading_weights(src / name):
-                keys, packed, dense = _pack_file(src / name, staging, dtype, sparsity)
+                keys, packed, dense = _pack_file(src / name, staging, dtype, sparsity, expected)
             weight_map |= keys
             packed_bytes, dense_bytes = packed_bytes + packed, dense_bytes + dense
         if packed_bytes == 0:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from duogpt.checkpoint import new_folder_beside
+from duogpt.checkpoint import new_folder_beside, reading_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -98,10 +98,15 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(name_or_path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:  # ValueError: a folder without a model's config.json
-        raise ValueError(f"cannot load model {name_or_path!r}: {err}. Give a local Hugging Face "
-                         f"folder, a reachable hub id, or {DEFAULT_MODEL!r}.") from None
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        # transformers would take it for a malformed hub id and say so.
+        raise ValueError(f"cannot load model {name_or_path!r}: there is no such folder")
+    with reading_weights(path):  # a size mismatch: outside the `try`, which is about finding one
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as err:  # ValueError: a folder without a model's config.json
+            raise ValueError(f"cannot load model {name_or_path!r}: {str(err).rstrip('.')}. Give a "
+                             f"local Hugging Face folder, a reachable hub id, or "
+                             f"{DEFAULT_MODEL!r}.") from None
     return model.to(device).eval(), tokenizer
