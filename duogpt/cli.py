@@ -312,7 +312,8 @@ def _add_eval(sub) -> None:
     _flag(p, "--tasks", default="",
           help="comma-separated lm-eval tasks, or 'zeroshot' for piqa,hellaswag,winogrande,"
                "arc_easy,arc_challenge,openbookqa,boolq")
-    _flag(p, "--reference", help="dense model for --ppl self (default: duogpt.json's base_model)")
+    _flag(p, "--reference", help="model --ppl self compares with, run with dense activations (default: "
+                                       "duogpt.json's base_model; not a packed checkpoint)")
     _flag(p, "--device", type=_device, default="cpu", help="cpu (default) or cuda[:N]")
     _flag(p, "--dtype", choices=_DTYPES, help="default: as stored")
     _flag(p, "--batch-size", type=_int_at_least(1), default=1, help="lm-eval batch size")

@@ -123,6 +123,15 @@ def test_eval_of_a_folder_without_a_model_says_what_to_give(tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path), "--ppl", "self"]) == 2
     err = capsys.readouterr().err
     assert f"cannot load model '{tmp_path}'" in err and "Give a local Hugging Face folder" in err
+    assert ".." not in err
+
+
+@pytest.mark.parametrize("path", ["./no-such-model", "{tmp}/no-such-model"])
+def test_eval_of_a_missing_folder_says_it_is_missing(tmp_path, capsys, path):
+    """Not transformers' complaint about a malformed hub id."""
+    path = path.format(tmp=tmp_path)
+    assert cli.main(["eval", path, "--ppl", "self"]) == 2
+    assert f"cannot load model '{path}': there is no such folder" in capsys.readouterr().err
 
 
 def test_eval_with_nothing_to_evaluate_is_refused(tmp_path, capsys):
@@ -182,6 +191,14 @@ def test_eval_self_records_its_seed_and_the_sequences_sampled(checkpoints, tmp_p
     report = _eval(tmp_path, packed, "--ppl", "self", "--seqlen", 8, "--reference", dense, "--seed", 3)
     assert report["settings"]["seed"] == 3 and report["settings"]["max_windows"] is None
     assert report["metrics"]["fidelity"]["sequences"] == 4 and report["metrics"]["fidelity"]["tokens"] == 28
+
+
+def test_a_packed_reference_is_refused_before_any_model_loads(checkpoints):
+    """A packed folder loaded as the reference runs its activation rule: the figures would compare
+    two sparse models."""
+    _, packed, _ = checkpoints
+    with pytest.raises(ValueError, match="is a packed checkpoint, which runs its activation rule"):
+        evaluate("no-such-model", ppl="self", seqlen=8, reference=str(packed))
 
 
 def test_self_fidelity_needs_two_tokens_per_sequence(checkpoints):

@@ -95,8 +95,9 @@ def evaluate(model_ref: str, *, ppl: str | None = "wikitext2", seqlen: int = 204
         activation_sparsity: top-k fraction to run with; None = the rule in duogpt.json, or dense
             activations for a plain model.
         tasks: lm-eval task names, run zero-shot.
-        reference: the dense model for `self`; default duogpt.json's `base_model`, or the plain
-            model itself with dense activations.
+        reference: the model `self` compares with, run with dense activations: default
+            duogpt.json's `base_model`, or the plain model itself; a dense-format checkpoint
+            (not a packed one) compares with the same pruned weights.
         device, dtype: where and in which dtype to run (None = as stored).
         batch_size, limit, include_path: passed to lm-eval (see `duogpt.eval.harness.zero_shot`).
         seed: seed of the `self` sampling.
@@ -106,8 +107,9 @@ def evaluate(model_ref: str, *, ppl: str | None = "wikitext2", seqlen: int = 204
         "versions"}`; `settings` holds lm-eval's `task_versions` when tasks ran.
 
     Raises:
-        ValueError: `seqlen < 2` or `max_windows < 1`, a missing text file, an unknown task, or
-            tasks without lm-eval; all checked before any model loads.
+        ValueError: `seqlen < 2` or `max_windows < 1`, a missing text file, an unknown task,
+            tasks without lm-eval, or a `reference` that is a packed checkpoint; all checked
+            before any model loads.
     """
     from duogpt.env import environment  # imports duogpt's version: deferred past package init
 
@@ -117,6 +119,13 @@ def evaluate(model_ref: str, *, ppl: str | None = "wikitext2", seqlen: int = 204
     if ppl not in (None, "self"):
         eval_text_file(ppl)
     manager = check_tasks(list(tasks), include_path) if tasks else None
+    if (ppl == "self" and reference is not None and (Path(reference) / METADATA_FILE).is_file()
+            and read_metadata(reference).get("format") == "bitmap"):
+        # Loaded as a reference, a packed folder runs its activation rule (its config.json's
+        # quantization_config), so the fidelity figures would compare two sparse models.
+        raise ValueError(f"--reference {reference} is a packed checkpoint, which runs its activation "
+                         f"rule; give the dense model (duogpt.json's base_model) or a dense-format "
+                         f"checkpoint, which loads with dense activations")
     is_checkpoint = (Path(model_ref) / METADATA_FILE).is_file()
     override = None if activation_sparsity is None else ActivationSparsity(activation_sparsity)
     if is_checkpoint:
