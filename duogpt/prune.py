@@ -241,9 +241,11 @@ def prune(model: nn.Module, tokenizer, calib: str | torch.Tensor = "c4",
     data_s = time.perf_counter() - start
     store = None
     if work_dir is not None:
+        # The config without the path the model was loaded from: `./m` and `m` are one model, and
+        # the weights' fingerprint tells models apart.
+        model_config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
         store = LayerStore(work_dir, {"config": dataclasses.asdict(config), "calibration": calibration,
-                                      "model": model.config.to_dict(),
-                                      "weights": weights_fingerprint(model)})
+                                      "model": model_config, "weights": weights_fingerprint(model)})
     result = Pipeline(model, config, input_ids, store=store, progress=progress).run()
     sparsity = ActivationSparsity(config.activation_sparsity, config.activation_rule,
                                   result.thresholds)

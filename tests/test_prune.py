@@ -318,6 +318,15 @@ def test_interrupted_run_resumes_from_the_last_finished_layer(monkeypatch, tmp_p
                      progress=False)
 
 
+def test_resume_takes_the_same_model_loaded_from_another_path_spelling(tmp_path):
+    ids, config = torch.randint(3, len(WORDS) + 3, (8, 32)), PruneConfig(device="cpu")
+    first, again = _tiny_model(), _tiny_model()
+    first.config._name_or_path, again.config._name_or_path = "tiny", "./tiny"
+    duogpt.prune(first, None, ids, config, work_dir=tmp_path / "work", progress=False)
+    report = duogpt.prune(again, None, ids, config, work_dir=tmp_path / "work", progress=False)
+    assert report.metadata("tiny")["resumed_layers"] == [0, 1]
+
+
 def test_resume_refuses_a_model_whose_weights_changed(tmp_path):
     ids, config = torch.randint(3, len(WORDS) + 3, (8, 32)), PruneConfig(device="cpu")
     store = tmp_path / "work"
