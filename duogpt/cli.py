@@ -36,18 +36,12 @@ def _int_list(value: str) -> tuple[int, ...]:
 
 def _device(value: str) -> str:
     """An argparse type: a device this machine has, checked before any model loads."""
-    import torch
+    from duogpt.env import check_device
 
     try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a device; use cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{value}: torch {torch.__version__} sees no CUDA GPU "
-                                         f"here; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{value}: torch sees {torch.cuda.device_count()} CUDA "
-                                         f"GPU(s) here; use --device cpu or an index below that")
+        check_device(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return value
 
 

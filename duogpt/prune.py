@@ -29,6 +29,7 @@ from torch import nn
 
 from duogpt.calibration.data import calibration_ids, check_windows, describe
 from duogpt.engine.sparse_linear import sparse_projections
+from duogpt.env import check_device
 from duogpt.models import layer_map
 from duogpt.models.adapters import warn_past_context
 from duogpt.solver.masks import WeightSparsity
@@ -98,8 +99,10 @@ class PruneConfig:
         if weight.is_nm and self.blocksize % weight.m:
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of M = {weight.m}")
         for name in ("blocksize", "nsamples", "seqlen"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_device(self.device)
         if not 0 <= self.seed < 2**64:  # torch's generators take an unsigned 64-bit seed
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         if not (0 <= self.alpha < math.inf and 0 < self.percdamp < math.inf):

@@ -516,6 +516,18 @@ def test_bad_settings_are_refused():
             PruneConfig(seed=seed)
     with pytest.raises(ValueError, match="DuoGPT prunes a layer's groups one after another"):
         PruneConfig(true_sequential=False)
+    for name in ("nsamples", "seqlen", "blocksize"):
+        for value in (0, 2.5):
+            with pytest.raises(ValueError, match=f"{name} must be a positive integer, got {value}"):
+                PruneConfig(**{name: value})
+    with pytest.raises(ValueError, match="'xyz' is not a device"):
+        PruneConfig(device="xyz")
+
+
+def test_a_cuda_device_without_a_gpu_is_refused_with_what_to_use(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="sees no CUDA GPU here; use cpu"):
+        PruneConfig(device="cuda")
 
 
 def test_prune_takes_a_cuda_device_index(monkeypatch):

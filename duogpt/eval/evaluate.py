@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from duogpt.calibration.data import sample_from_model
 from duogpt.checkpoint import METADATA_FILE, read_metadata
 from duogpt.engine import load
+from duogpt.env import environment
 from duogpt.eval.data import eval_text, eval_text_file, tokenize
 from duogpt.eval.fidelity import fidelity
 from duogpt.eval.harness import check_tasks, zero_shot
@@ -111,8 +112,6 @@ def evaluate(model_ref: str, *, ppl: str | None = "wikitext2", seqlen: int = 204
             tasks without lm-eval, or a `reference` that is a packed checkpoint; all checked
             before any model loads.
     """
-    from duogpt.env import environment  # imports duogpt's version: deferred past package init
-
     # Checked before the model loads, so that a bad argument does not cost a load or another metric
     if ppl is not None:
         check_windows(seqlen, max_windows)
