@@ -102,6 +102,9 @@ def test_bad_blocks_and_factors_are_rejected():
         ops.obs_prune_block(W1, U1, torch.zeros(8, 4), mask=mask)
     with pytest.raises(ValueError, match="score_coef must have 8 entries"):
         ops.obs_prune_block(W1, U1, nm=(2, 4), score_coef=torch.ones(4))
+    # Empty tensors all report address 0: a block without rows is not mistaken for aliasing.
+    with pytest.raises(ValueError, match="block must have positive sizes, got 0 x 8"):
+        ops.obs_prune_block(torch.empty(0, 8), U1, mask=torch.zeros(0, 8, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("diagonal", [0.0, -1.0, float("nan"), float("inf")])

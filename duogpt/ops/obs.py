@@ -41,6 +41,8 @@ def _check(W1, U1, P1, mask, prunen, prunem, score_coef) -> None:
 def _check_not_aliased(W1, U1, P1, mask, score_coef) -> None:
     """W1 is updated in place, so an input sharing its memory would be read half-updated."""
     storage = W1.untyped_storage().data_ptr()
+    if storage == 0:  # no rows: nothing to share (every empty storage reports address 0)
+        return
     for name, t in (("U1", U1), ("P1", P1), ("mask", mask), ("score_coef", score_coef)):
         if t is not None and t.untyped_storage().data_ptr() == storage:
             raise ValueError(f"{name} shares memory with W1, which obs_prune_block updates in "
