@@ -58,6 +58,15 @@ class ActivationSparsity:
                            f"pruned projection")
         return {"threshold": self.thresholds[name]}
 
+    def threshold(self, name: str, in_features: int) -> torch.Tensor | None:
+        """Module `name`'s `[in_features]` threshold under the threshold rule, else None; a
+        ValueError if it has another width (thresholds that do not belong to the model)."""
+        threshold = self.kernel_args(name).get("threshold")
+        if threshold is not None and tuple(threshold.shape) != (in_features,):
+            raise ValueError(f"{name}: the activation threshold has shape {tuple(threshold.shape)}, "
+                             f"expected ({in_features},), one per input channel")
+        return threshold
+
     def apply(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """`x [..., in]` with the dropped activations zeroed (same shape, dtype, device)."""
         if not self.active:

@@ -684,11 +684,7 @@ def test_bench_decode_refuses_what_it_cannot_measure(tiny, batches, new_tokens, 
 @pytest.mark.parametrize("kv_heads", [1, 4])
 def test_a_config_that_disagrees_with_the_packed_shapes_is_refused(tiny, tmp_path, kv_heads):
     """The kernels would read past the packed buffers of a projection the config makes larger."""
-    _, _, _, packed = tiny
-    edited = tmp_path / "edited"
-    shutil.copytree(packed, edited)
-    config = json.loads((edited / "config.json").read_text())
-    (edited / "config.json").write_text(json.dumps(config | {"num_key_value_heads": kv_heads}))
+    edited = _edited_json(tiny[3], tmp_path, "config.json", lambda c: c.update(num_key_value_heads=kv_heads))
     with pytest.raises(ValueError, match=r"k_proj: the stored weight is 32 x 64 but the model's "
                                          r"config makes this projection \d+ x 64"):
         duogpt.load(edited)
@@ -698,10 +694,7 @@ def test_a_config_that_disagrees_with_the_packed_shapes_is_refused(tiny, tmp_pat
 def test_a_dense_checkpoint_whose_config_disagrees_with_its_weights_is_refused(tiny, tmp_path, kv_heads):
     """Loading names the mismatch (not transformers' traceback), and packing refuses it and writes
     nothing, rather than a packed folder that no loader accepts."""
-    edited = tmp_path / "edited"
-    shutil.copytree(tiny[2], edited)
-    config = json.loads((edited / "config.json").read_text())
-    (edited / "config.json").write_text(json.dumps(config | {"num_key_value_heads": kv_heads}))
+    edited = _edited_json(tiny[2], tmp_path, "config.json", lambda c: c.update(num_key_value_heads=kv_heads))
     for load in (duogpt.load, lambda path: load_model(str(path))):
         with pytest.raises(ValueError, match="config.json does not belong to these weights"):
             load(edited)

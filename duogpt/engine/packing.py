@@ -79,7 +79,8 @@ def _pack_file(src: Path, dst: Path, dtype: torch.dtype | None, sparsity: Activa
     with safe_open(str(src), "pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             tensor = f.get_tensor(key)
-            if _PROJECTION_WEIGHT.match(key) and key not in expected:
+            match = _PROJECTION_WEIGHT.match(key)
+            if match and key not in expected:
                 raise ValueError(f"{src}: config.json's model has no tensor {key}; config.json does "
                                  f"not belong to these weights")
             if key in expected and tuple(tensor.shape) != expected[key]:
@@ -87,7 +88,6 @@ def _pack_file(src: Path, dst: Path, dtype: torch.dtype | None, sparsity: Activa
                                  f"{expected[key]}; config.json does not belong to these weights")
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
-            match = _PROJECTION_WEIGHT.match(key)
             if match is None:
                 out[key] = tensor
                 continue
@@ -95,12 +95,8 @@ def _pack_file(src: Path, dst: Path, dtype: torch.dtype | None, sparsity: Activa
             packed = BitmapWeight.from_dense(tensor)
             state = packed.state_dict(prefix=f"{module}.")
             state[f"{module}.weight"] = state.pop(f"{module}.values")
-            threshold = sparsity.kernel_args(module).get("threshold")
+            threshold = sparsity.threshold(module, tensor.shape[1])
             if threshold is not None:
-                if tuple(threshold.shape) != (tensor.shape[1],):
-                    raise ValueError(f"{module}: the activation threshold has shape "
-                                     f"{tuple(threshold.shape)}, expected ({tensor.shape[1]},), one "
-                                     f"per input channel; the thresholds file is corrupted")
                 state[f"{module}.threshold"] = threshold.float().contiguous()
             out.update(state)
             packed_bytes += packed.nbytes

@@ -127,12 +127,8 @@ class SparseLinear(nn.Module):
 
     def set_activation_rule(self, sparsity: ActivationSparsity, name: str) -> None:
         """Use `sparsity`'s rule for this module, registered under its full name `name`."""
-        args = sparsity.kernel_args(name)
-        self.topk_fraction = args.get("topk_fraction")
-        threshold = args.get("threshold")
-        if threshold is not None and threshold.shape != (self.in_features,):
-            raise ValueError(f"{name}: the activation threshold has shape {tuple(threshold.shape)}, "
-                             f"expected ({self.in_features},), one per input channel")
+        self.topk_fraction = sparsity.kernel_args(name).get("topk_fraction")
+        threshold = sparsity.threshold(name, self.in_features)
         self.threshold = (None if threshold is None
                           else threshold.to(device=self.bitmap.device, dtype=torch.float32).contiguous())
 
