@@ -13,6 +13,7 @@ save never leaves a half-written checkpoint at the destination.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import secrets
@@ -55,6 +56,23 @@ def new_folder_beside(path: Path) -> Path:
             return folder
 
 
+@contextlib.contextmanager
+def created_parents(path: Path) -> Iterator[None]:
+    """Create the missing folders above `path`; if the body raises, remove again those of them that
+    are still empty, so that a command that fails leaves no trace (`--out new/run/x`)."""
+    missing = list(itertools.takewhile(lambda folder: not folder.exists(), path.parents))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        for folder in missing:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: what the run left there is kept (a run to resume)
+                break
+        raise
+
+
 def check_out_dir(out: Path, *, overwrite: bool = False) -> None:
     """Raise FileExistsError unless `atomic_folder(out, overwrite=overwrite)` may write `out`;
     callers with minutes of work before the save check first (a dangling link counts as there).
@@ -80,23 +98,23 @@ def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
     """
     out = Path(out_dir)
     check_out_dir(out, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = new_folder_beside(out)
-    retired = staging.with_name(staging.name + "-old")
-    try:
-        yield staging
-        if out.exists():  # moved aside, and deleted only once the new folder is in place
-            out.rename(retired)
+    with created_parents(out):
+        staging = new_folder_beside(out)
+        retired = staging.with_name(staging.name + "-old")
         try:
-            staging.rename(out)
-        except OSError:
-            if retired.exists():
-                retired.rename(out)
-            raise
-    finally:
-        for leftover in (staging, retired):
-            if leftover.exists():
-                shutil.rmtree(leftover, ignore_errors=True)
+            yield staging
+            if out.exists():  # moved aside, and deleted only once the new folder is in place
+                out.rename(retired)
+            try:
+                staging.rename(out)
+            except OSError:
+                if retired.exists():
+                    retired.rename(out)
+                raise
+        finally:
+            for leftover in (staging, retired):
+                if leftover.exists():
+                    shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextlib.contextmanager

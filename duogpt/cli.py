@@ -7,6 +7,7 @@ library; flags are hyphenated, with underscore aliases for wanda/sparsegpt habit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -150,7 +151,7 @@ def _run_prune(args) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from duogpt.calibration.data import check_source
-    from duogpt.checkpoint import check_out_dir, save_pruned
+    from duogpt.checkpoint import check_out_dir, created_parents, save_pruned
     from duogpt.eval.evaluate import PerplexityText, activation_rule
     from duogpt.models.loading import load_model, model_reference
     from duogpt.prune import PruneConfig, prune
@@ -161,12 +162,6 @@ def _run_prune(args) -> int:
     if work.exists() and any(work.iterdir()) and not args.resume:
         raise ValueError(f"an interrupted run left {work}; add --resume to continue it, or remove "
                          f"it to start over")
-    try:  # found now, not after the model load and the calibration
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError as err:
-        raise ValueError(f"--out {out}: cannot write in {out.parent} ({err.strerror}); choose "
-                         f"another --out") from None
     weight_sparsity = args.weight_sparsity
     if args.nm:
         n, _, m = args.nm.partition(":")
@@ -187,25 +182,32 @@ def _run_prune(args) -> int:
     ppl_source = _prune_ppl_source(args)
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()
-    with logging_redirect_tqdm():
-        model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-        text = None if ppl_source is None else PerplexityText.load(ppl_source, tokenizer,
-                                                                   args.ppl_seqlen, args.ppl_windows)
-        if text is not None:
-            dense = text.score(model)
-            print(f"perplexity before pruning (dense, {text.dataset}, {text.windows} x {text.seqlen} "
-                  f"tokens): {dense:.3f}")
-        report = prune(model, tokenizer, args.calib, config, work_dir=work, progress=not args.quiet)
-        rule = report.activation_sparsity
-        metadata = report.metadata(model_reference(args.model))
-        if text is not None:
-            with activation_rule(model, rule):
-                pruned = text.score(model)
-            print(f"perplexity after pruning (activation sparsity {rule.fraction:g} {rule.rule}): "
-                  f"{pruned:.3f}")
-            metadata["perplexity"] = dict(text.describe(), dense=dense, pruned=pruned)
-        save_pruned(model, tokenizer, out, metadata, rule)
-    shutil.rmtree(work)
+    with contextlib.ExitStack() as cleanup:  # a failed run removes the folders it created
+        try:  # found now, not after the model load and the calibration
+            cleanup.enter_context(created_parents(out))
+            tempfile.TemporaryFile(dir=out.parent).close()
+        except OSError as err:
+            raise ValueError(f"--out {out}: cannot write in {out.parent} ({err.strerror}); choose "
+                             f"another --out") from None
+        with logging_redirect_tqdm():
+            model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+            text = None if ppl_source is None else PerplexityText.load(ppl_source, tokenizer,
+                                                                       args.ppl_seqlen, args.ppl_windows)
+            if text is not None:
+                dense = text.score(model)
+                print(f"perplexity before pruning (dense, {text.dataset}, {text.windows} x {text.seqlen} "
+                      f"tokens): {dense:.3f}")
+            report = prune(model, tokenizer, args.calib, config, work_dir=work, progress=not args.quiet)
+            rule = report.activation_sparsity
+            metadata = report.metadata(model_reference(args.model))
+            if text is not None:
+                with activation_rule(model, rule):
+                    pruned = text.score(model)
+                print(f"perplexity after pruning (activation sparsity {rule.fraction:g} {rule.rule}): "
+                      f"{pruned:.3f}")
+                metadata["perplexity"] = dict(text.describe(), dense=dense, pruned=pruned)
+            save_pruned(model, tokenizer, out, metadata, rule)
+        shutil.rmtree(work)
     print(f"saved {out}: {config.method}, weight sparsity {report.weight_sparsity:.4f} "
           f"({config.weight}), activation sparsity {rule.fraction:g} ({rule.rule}), "
           f"{report.timings['total_s']:.0f} s{_resumed(len(report.resumed_layers))}")
@@ -264,17 +266,19 @@ def _add_generate(sub) -> None:
 
 def _run_generate(args) -> int:
     import torch
-    from transformers import AutoTokenizer
 
     import duogpt
+    from duogpt.checkpoint import read_metadata
     from duogpt.engine.dense import to_dense_engine
     from duogpt.engine.generate import Decoder
+    from duogpt.models import load_tokenizer
 
+    read_metadata(args.path)  # a folder that is no checkpoint is named as such, not for its tokenizer
+    tokenizer = load_tokenizer(args.path)  # before the model, whose load takes far longer
     model = duogpt.load(args.path, device=args.device,
                         dtype=getattr(torch, args.dtype) if args.dtype else None)
     if args.engine == "dense":
         to_dense_engine(model)
-    tokenizer = AutoTokenizer.from_pretrained(args.path)
     prompt = tokenizer(args.prompt, return_tensors="pt").input_ids
     if prompt.shape[1] == 0:
         raise ValueError(f"--prompt {args.prompt!r} gives no tokens; give some text")

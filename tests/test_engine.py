@@ -564,6 +564,19 @@ def test_cli_pack_and_generate(tiny, tmp_path, capsys):
     assert cli.main(["pack", str(dense), "--out", str(out)]) == 2  # exists: a clear error, no traceback
 
 
+def test_generate_without_tokenizer_files_says_so_before_the_model_loads(tiny, tmp_path, capsys,
+                                                                          monkeypatch):
+    _, _, _, packed = tiny
+    bare = tmp_path / "bare"
+    shutil.copytree(packed, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(duogpt, "load", load)
+    assert cli.main(["generate", str(bare), "--prompt", "the quick"]) == 2
+    assert f"{bare} has no tokenizer files" in capsys.readouterr().err
+
+
 def test_overwrite_replaces_only_a_duogpt_checkpoint(tiny, tmp_path, capsys):
     _, _, dense, _ = tiny
     keep = tmp_path / "notes"

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 
 import pytest
 import torch
+import transformers
 from test_engine import METADATA, TOPK, tiny_pruned_model, tiny_tokenizer
 
 from duogpt import cli
 from duogpt.checkpoint import save_pruned
 from duogpt.engine import pack_checkpoint
 from duogpt.engine.sparse_linear import SparseLinear
+from duogpt.eval import evaluate as evaluate_module
 from duogpt.eval import perplexity
 from duogpt.eval.data import eval_text
 from duogpt.eval.evaluate import evaluate
@@ -132,6 +135,22 @@ def test_eval_of_a_missing_folder_says_it_is_missing(tmp_path, capsys, path):
     path = path.format(tmp=tmp_path)
     assert cli.main(["eval", path, "--ppl", "self"]) == 2
     assert f"cannot load model '{path}': there is no such folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "plain model"])
+def test_eval_without_tokenizer_files_says_so_before_the_model_loads(checkpoints, tmp_path, capsys,
+                                                                    monkeypatch, kind):
+    dense, _, text = checkpoints
+    leave_out = ["tokenizer*", "special_tokens*"] + (["duogpt*"] if kind == "plain model" else [])
+    bare = tmp_path / "bare"
+    shutil.copytree(dense, bare, ignore=shutil.ignore_patterns(*leave_out))
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(evaluate_module, "load", load)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", load)
+    assert cli.main(["eval", str(bare), "--ppl", str(text)]) == 2
+    assert f"{bare} has no tokenizer files" in capsys.readouterr().err
 
 
 def test_eval_with_nothing_to_evaluate_is_refused(tmp_path, capsys):

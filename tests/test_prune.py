@@ -78,6 +78,18 @@ def _prune_cli(tiny, out, *extra) -> int:
                  "--nsamples", "8", "--seqlen", "32", "--device", "cpu", "--ppl", "none", "-q", *extra])
 
 
+def _interrupt_at_layer(index: int, monkeypatch) -> None:
+    """Make the pipeline stop as on Ctrl-C when it reaches layer `index`."""
+    original = Pipeline._layer
+
+    def interrupted(self, i):
+        if i == index:
+            raise KeyboardInterrupt
+        return original(self, i)
+
+    monkeypatch.setattr(Pipeline, "_layer", interrupted)
+
+
 def test_cli_writes_a_plain_hugging_face_folder(tiny, tmp_path):
     out = tmp_path / "pruned"
     assert _prune_cli(tiny, out) == 0
@@ -354,7 +366,20 @@ def test_a_truncated_layer_file_is_named_on_resume(tmp_path):
     file = tmp_path / "layer-00000.safetensors"
     file.write_bytes(file.read_bytes()[:100])
     with pytest.raises(ValueError, match="layer-00000.safetensors: a safetensors file cannot be read"):
-        LayerStore(tmp_path, {"config": {}}).load(0)
+        LayerStore(tmp_path, {"config": {}}).load(0, {"w": (64, 64)})
+
+
+def test_a_layer_file_with_other_tensors_is_named_on_resume(tmp_path):
+    store = LayerStore(tmp_path, {"config": {}})
+    store.save(0, {"q.weight": torch.ones(64, 32)}, {"q": torch.zeros(32)}, {"q": {}})
+    weights, thresholds, reports = store.load(0, {"q.weight": (64, 32), "q": (32,)})
+    assert weights["q.weight"].shape == (64, 32) and thresholds["q"].shape == (32,) and reports == {"q": {}}
+    for shapes, changed in [({"q.weight": (64, 16), "q": (32,)}, "q.weight"),
+                            ({"q.weight": (64, 32)}, "q"),
+                            ({"q.weight": (64, 32), "q": (32,), "k.weight": (8, 32)}, "k.weight")]:
+        with pytest.raises(ValueError, match=rf"layer-00000.safetensors does not hold this layer's "
+                                             rf"tensors \({changed} differ\)"):
+            store.load(0, shapes)
 
 
 def test_a_dangling_symlink_as_out_is_refused_before_pruning(tiny, tmp_path, capsys):
@@ -386,20 +411,32 @@ def test_cli_refuses_a_leftover_partial_run_without_resume(tiny, tmp_path, capsy
 
 def test_cli_resume_says_how_many_layers_came_from_the_interrupted_run(tiny, tmp_path, capsys,
                                                                       monkeypatch):
-    original = Pipeline._layer
-
-    def interrupt_at_layer_1(self, i):
-        if i == 1:
-            raise KeyboardInterrupt
-        return original(self, i)
-
-    monkeypatch.setattr(Pipeline, "_layer", interrupt_at_layer_1)
+    _interrupt_at_layer(1, monkeypatch)
     assert _prune_cli(tiny, tmp_path / "pruned") == 130
     monkeypatch.undo()
     capsys.readouterr()
     assert _prune_cli(tiny, tmp_path / "pruned", "--resume") == 0
     assert "s (1 layer resumed from the interrupted run)" in capsys.readouterr().out
     assert read_metadata(tmp_path / "pruned")["resumed_layers"] == [0]
+
+
+def test_a_failed_run_removes_the_folders_it_created_for_out(tmp_path, capsys):
+    assert main(["prune", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "new" / "run" / "x"),
+                 "--method", "magnitude", "--ppl", "none", "-q"]) == 2
+    assert "there is no such folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_run_keeps_the_folders_that_hold_its_layers(tiny, tmp_path, monkeypatch):
+    _interrupt_at_layer(1, monkeypatch)
+    assert _prune_cli(tiny, tmp_path / "new" / "pruned") == 130
+    assert (tmp_path / "new" / ".pruned.partial" / "layer-00000.safetensors").is_file()
+
+
+def test_a_failed_save_removes_the_folders_it_created(tmp_path):
+    with pytest.raises(OSError, match="disk full"), atomic_folder(tmp_path / "new" / "out"):
+        raise OSError("disk full")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unwritable_out_fails_before_the_model_loads(tmp_path, capsys):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer
 
 from duogpt.calibration.data import sample_from_model
 from duogpt.checkpoint import METADATA_FILE, read_metadata
@@ -19,8 +18,7 @@ from duogpt.eval.data import eval_text, eval_text_file, tokenize
 from duogpt.eval.fidelity import fidelity
 from duogpt.eval.harness import check_tasks, zero_shot
 from duogpt.eval.perplexity import check_windows, num_windows, perplexity
-from duogpt.models import layer_map, load_model
-from duogpt.models.loading import resolve
+from duogpt.models import layer_map, load_model, load_tokenizer
 from duogpt.sparsity import ActivationSparsity, sparsified_inputs
 
 SELF_SEQUENCES = 4  # `--ppl self` default number of sampled sequences
@@ -129,16 +127,16 @@ def evaluate(model_ref: str, *, ppl: str | None = "wikitext2", seqlen: int = 204
     override = None if activation_sparsity is None else ActivationSparsity(activation_sparsity)
     if is_checkpoint:
         meta = read_metadata(model_ref)
+        tokenizer = load_tokenizer(model_ref)  # first: it fails in a second, the model load takes longer
         model = load(model_ref, device=device, dtype=dtype, activation_sparsity=override)
         rule = override.to_json() if override else dict(meta["activation_sparsity"])
         active = contextlib.nullcontext()
     else:
         meta = None
-        model, _ = load_model(model_ref, dtype=dtype or "auto", device=device)
+        model, tokenizer = load_model(model_ref, dtype=dtype or "auto", device=device)
         sparsity = override or ActivationSparsity()
         rule = sparsity.to_json()
         active = activation_rule(model, sparsity)
-    tokenizer = AutoTokenizer.from_pretrained(resolve(model_ref))
     metrics: dict = {}
     task_versions = None
     with active:

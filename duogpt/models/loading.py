@@ -85,6 +85,37 @@ def model_reference(name_or_path: str) -> str:
     return name_or_path
 
 
+def _unloadable(name_or_path: str, reason: str) -> ValueError:
+    return ValueError(f"cannot load model {name_or_path!r}: {reason.rstrip('.')}. Give a local Hugging "
+                      f"Face folder, a reachable hub id, or {DEFAULT_MODEL!r}.")
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model argument as `load_model` takes it, or of a duogpt checkpoint folder.
+
+    Commands load it before their model: a folder without one fails here in a second, where the
+    model's load can take minutes.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve(name_or_path)
+    folder = Path(path).expanduser()
+    if path.startswith(("/", "./", "../", "~")) and not folder.exists():
+        # transformers would take it for a malformed hub id and say so.
+        raise _unloadable(name_or_path, "there is no such folder")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:  # a folder without tokenizer files gives a ValueError
+        if not folder.is_dir():
+            raise _unloadable(name_or_path, str(err)) from None
+        if not (folder / "config.json").is_file():
+            raise _unloadable(name_or_path, f"{folder} has no config.json") from None
+        # transformers' own message here is about converting a slow tokenizer, which misleads.
+        raise ValueError(f"{folder} has no tokenizer files (tokenizer.json, tokenizer_config.json) "
+                         f"that transformers can load; copy them from the model it was made "
+                         f"from") from None
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)` in eval mode.
@@ -95,18 +126,13 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
         device: where the parameters live (the pruning pipeline keeps them on CPU and moves one
             layer at a time to its compute device).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    tokenizer = load_tokenizer(name_or_path)
     path = resolve(name_or_path)
-    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
-        # transformers would take it for a malformed hub id and say so.
-        raise ValueError(f"cannot load model {name_or_path!r}: there is no such folder")
     with reading_weights(path):  # a size mismatch: outside the `try`, which is about finding one
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as err:  # ValueError: a folder without a model's config.json
-            raise ValueError(f"cannot load model {name_or_path!r}: {str(err).rstrip('.')}. Give a "
-                             f"local Hugging Face folder, a reachable hub id, or "
-                             f"{DEFAULT_MODEL!r}.") from None
+            raise _unloadable(name_or_path, str(err)) from None
     return model.to(device).eval(), tokenizer

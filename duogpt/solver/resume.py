@@ -79,11 +79,25 @@ class LayerStore:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-        """`(weights, thresholds, reports)` of a finished layer, keyed by full parameter/module name."""
+    def load(self, index: int, shapes: dict[str, tuple[int, ...]]
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+        """`(weights, thresholds, reports)` of a finished layer, keyed by full parameter/module name.
+
+        Args:
+            shapes: the shape of every tensor the layer must hold: its weights by parameter name,
+                its thresholds (if the run has them) by module name.
+
+        Raises:
+            ValueError: the layer's file is unreadable or holds other tensors.
+        """
         file = self.folder / f"layer-{index:05d}.safetensors"
         with reading_weights(file):
             tensors = load_file(str(file))
+        found = {k.removeprefix(_THRESHOLD): tuple(v.shape) for k, v in tensors.items()}
+        changed = _differences(found, {k: tuple(v) for k, v in shapes.items()})
+        if changed:
+            raise ValueError(f"{file} does not hold this layer's tensors ({', '.join(changed)} "
+                             f"differ); the folder is damaged: remove {self.folder} to start over")
         weights = {k: v for k, v in tensors.items() if not k.startswith(_THRESHOLD)}
         thresholds = {k[len(_THRESHOLD):]: v for k, v in tensors.items() if k.startswith(_THRESHOLD)}
         return weights, thresholds, self.layers[str(index)]

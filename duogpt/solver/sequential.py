@@ -144,7 +144,10 @@ class Pipeline:
         with bar:
             dense_inputs = self._dense_pass(layer, bar, cache=not finished)
             if finished:
-                weights, thresholds, reports = self.store.load(i)
+                with_thresholds = self.config.activation_rule == "threshold"
+                shapes = {name + ".weight": m.weight.shape for name, m in modules.items()}
+                shapes |= {name: (m.in_features,) for name, m in modules.items() if with_thresholds}
+                weights, thresholds, reports = self.store.load(i, shapes)
                 for name, module in modules.items():
                     module.weight.copy_(weights[name + ".weight"])
             else:
