@@ -351,6 +351,13 @@ def test_save_packed_equals_pack_of_saved(tiny, tmp_path):
     assert not any(p.name.startswith(".duogpt-dense") for p in tmp_path.iterdir())
 
 
+def test_a_failed_save_packed_leaves_nothing_behind(tiny, tmp_path):
+    model, tokenizer, _, _ = tiny
+    with pytest.raises(ValueError, match="int8"):
+        save_packed(model, tokenizer, tmp_path / "new" / "packed", METADATA, TOPK, dtype=torch.int8)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("shard_size", ["10MB", "60KB"], ids=["one-shard-with-index", "shards"])
 def test_sharded_checkpoint_keeps_its_shards_and_index(tiny, tmp_path, shard_size):
     model, tokenizer, _, _ = tiny

@@ -24,6 +24,7 @@ from duogpt.checkpoint import (
     METADATA_FILE,
     THRESHOLDS_FILE,
     atomic_folder,
+    created_parents,
     read_activation_sparsity,
     read_json,
     read_metadata,
@@ -171,8 +172,7 @@ def save_packed(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, m
                 overwrite: bool = False) -> Path:
     """`duogpt.checkpoint.save_pruned`, then `pack_checkpoint`: a packed folder straight from a
     pruned model. The dense intermediate lives in a temporary folder beside `out_dir`."""
-    parent = Path(out_dir).resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".duogpt-dense-", dir=parent) as tmp:
+    out = Path(out_dir).resolve()
+    with created_parents(out), tempfile.TemporaryDirectory(prefix=".duogpt-dense-", dir=out.parent) as tmp:
         dense = save_pruned(model, tokenizer, Path(tmp) / "dense", dict(metadata, format="dense"), sparsity)
         return pack_checkpoint(dense, out_dir, dtype=dtype, overwrite=overwrite)
