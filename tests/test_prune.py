@@ -3,6 +3,7 @@ real SmolLM2-135M, where DuoGPT must beat SparseGPT and Wanda under 50 % activat
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -602,6 +603,32 @@ def test_a_truncated_thresholds_file_is_named(tmp_path):
                                                           "thresholds_file": THRESHOLDS_FILE}}
     with pytest.raises(ValueError, match="thresholds.safetensors: a safetensors file cannot be read"):
         read_activation_sparsity(tmp_path, meta)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0])
+def test_activation_sparsity_is_a_fraction_below_1(fraction):
+    with pytest.raises(ValueError, match=r"activation sparsity must be in \[0, 1\)"):
+        ActivationSparsity(fraction)
+
+
+@pytest.mark.parametrize("rule", ["topk", "threshold"])
+def test_zero_activation_sparsity_leaves_inputs_dense(rule):
+    sparsity = ActivationSparsity(0.0, rule)  # the threshold rule needs no thresholds then
+    x = torch.randn(3, 8)
+    assert not sparsity.active and sparsity.apply(x, "model.layers.0.mlp.up_proj") is x
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_sparsified_inputs_restores_the_modules_on_exit(fails):
+    linear = torch.nn.Linear(8, 4)
+    x = torch.randn(2, 8)
+    with (pytest.raises(RuntimeError) if fails else contextlib.nullcontext(),
+          sparsified_inputs({"up": linear}, ActivationSparsity(0.5))):
+        assert not torch.allclose(linear(x), x @ linear.weight.T + linear.bias)
+        if fails:
+            raise RuntimeError
+    assert not linear._forward_pre_hooks
+    torch.testing.assert_close(linear(x), x @ linear.weight.T + linear.bias)
 
 
 @pytest.mark.parametrize("pair, message", [

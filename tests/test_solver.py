@@ -11,6 +11,7 @@ import torch
 
 from duogpt.ops import reference
 from duogpt.solver import MagnitudePruner, OBSSolver, WandaPruner, WeightSparsity
+from duogpt.solver.masks import nm_lowest
 from duogpt.solver.obs import compensation, inverse_factor
 from duogpt.sparsity import ThresholdHistogram
 
@@ -30,6 +31,15 @@ def _solve(W, X_hat, X_tilde=None, sparsity=HALF, **kwargs):
     solver = OBSSolver(W.shape[1], sparsity, two_stream=X_tilde is not None, **kwargs)
     solver.add_batch(X_hat, X_tilde)
     return solver.prune(W)
+
+
+def _pruner(method: str, k: int, sparsity=HALF, **kwargs):
+    """A fresh pruner of `k` input channels: duogpt, sparsegpt, wanda or magnitude."""
+    if method == "wanda":
+        return WandaPruner(k, sparsity)
+    if method == "magnitude":
+        return MagnitudePruner(sparsity)
+    return OBSSolver(k, sparsity, two_stream=method == "duogpt", **kwargs)
 
 
 def test_paper_identities_hold_for_the_solver_factors():
@@ -107,12 +117,12 @@ def _sparsegpt_transcription(W, H, fraction, blocksize=128, percdamp=0.01):
 
 def test_one_stream_solver_is_sparsegpt():
     X, _ = _streams(200, 800)
-    X[:, 7] = 0  # a dead input
+    X[:, ::4] = 0  # dead inputs, a quarter of them
     W = torch.randn(48, 200)
     ours = _solve(W, X, None, act_order=False).weight
     theirs = _sparsegpt_transcription(W, X.double().T @ X.double() / 800, 0.5)
     assert torch.equal(ours == 0, theirs == 0)
-    torch.testing.assert_close(ours.double(), theirs, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("two_stream", [True, False], ids=["duogpt", "sparsegpt"])
@@ -133,17 +143,56 @@ def test_every_block_reaches_the_target_sparsity(two_stream, fraction):
 def test_nm_masks_are_valid(method, n, m):
     k = 128
     X_hat, X_tilde = _streams(k, 300)
-    sparsity = WeightSparsity.of((n, m))
-    if method in ("duogpt", "sparsegpt"):
-        pruner = OBSSolver(k, sparsity, two_stream=method == "duogpt", act_order=False)
-    elif method == "wanda":
-        pruner = WandaPruner(k, sparsity)
-    else:
-        pruner = MagnitudePruner(sparsity)
+    pruner = _pruner(method, k, WeightSparsity.of((n, m)), act_order=False)
     pruner.add_batch(X_hat, X_tilde)
     pruned = pruner.prune(torch.randn(40, k)).weight
     zeros_per_group = (pruned == 0).view(40, k // m, m).sum(-1)
     assert bool((zeros_per_group == n).all())
+
+
+@pytest.mark.parametrize("two_stream", [True, False], ids=["duogpt", "sparsegpt"])
+def test_the_lazy_update_carries_every_term_across_blocks(two_stream):
+    """N:M masks are chosen inside the column loop, so how the columns are cut into blocks must
+    not matter: between blocks the lazy update applies both the error term (`Err1 U`) and, with two
+    streams, the compensation term (`Wpre1 P`) to every later column."""
+    X_hat, X_tilde = _streams(256, 600)
+    W = torch.randn(64, 256)
+    two_four = WeightSparsity.of((2, 4))
+    X_tilde = X_tilde if two_stream else None
+    whole = _solve(W, X_hat, X_tilde, two_four, act_order=False, blocksize=256).weight
+    blocks = _solve(W, X_hat, X_tilde, two_four, act_order=False, blocksize=32).weight
+    assert torch.equal(whole == 0, blocks == 0)
+    torch.testing.assert_close(blocks, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_act_order_processes_inputs_by_descending_hessian_diagonal():
+    X_hat, _ = _streams(96, 300)
+    solver = OBSSolver(96, HALF, two_stream=False)
+    solver.add_batch(X_hat)
+    diagonal = solver.H.diagonal().clone()
+    assert torch.equal(solver.factors().perm, torch.argsort(diagonal, descending=True))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("method", ["duogpt", "sparsegpt", "wanda", "magnitude"])
+def test_pruning_leaves_the_callers_weight_as_it_was(method, act_order):
+    X_hat, X_tilde = _streams(64, 200)
+    pruner = _pruner(method, 64, act_order=act_order)
+    pruner.add_batch(X_hat, X_tilde)
+    W = torch.randn(16, 64)
+    before = W.clone()
+    pruner.prune(W)
+    assert torch.equal(W, before)
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_mask_only_baselines_return_float32_with_the_kept_weights_unchanged(method):
+    pruner = _pruner(method, 64)
+    pruner.add_batch(torch.randn(200, 64))
+    W = torch.randn(16, 64).bfloat16()
+    pruned = pruner.prune(W).weight
+    assert pruned.dtype == torch.float32
+    assert torch.equal(pruned, W.float() * (pruned != 0))
 
 
 @pytest.mark.parametrize("sparsity", [HALF, WeightSparsity.of((2, 4))], ids=["unstructured", "2:4"])
@@ -160,26 +209,41 @@ def test_dead_inputs_are_always_pruned_and_few_samples_give_finite_weights(spars
     assert bool((result.weight[:, dead] == 0).all())
 
 
-def _solver_with_hessian(H: torch.Tensor) -> OBSSolver:
-    solver = OBSSolver(H.shape[0], HALF, two_stream=False, act_order=False, label="test group")
+def _solver_with_hessian(H: torch.Tensor, percdamp: float = 0.01) -> OBSSolver:
+    solver = OBSSolver(H.shape[0], HALF, two_stream=False, act_order=False, label="test group",
+                       percdamp=percdamp)
     solver.H = H.clone()
     return solver
 
 
+# Eigenvalues 4 and -2 with mean diag 1: positive definite only once percdamp > 2.
+INDEFINITE_H = torch.block_diag(*[torch.tensor([[1.0, 3.0], [3.0, 1.0]])] * 32)
+
+
 def test_failed_cholesky_escalates_dampening(caplog):
-    # Eigenvalues 4 and -2 with mean diag 1: positive definite only once percdamp > 2.
-    H = torch.block_diag(*[torch.tensor([[1.0, 3.0], [3.0, 1.0]])] * 32)
+    W = torch.randn(8, 64)
     with caplog.at_level(logging.WARNING, logger="duogpt.solver.obs"):
-        result = _solver_with_hessian(H).prune(torch.randn(8, 64))
-    assert result.percdamp == pytest.approx(10.0)
+        result = _solver_with_hessian(INDEFINITE_H).prune(W)
+    assert result.percdamp == pytest.approx(10.0)  # 0.01, 0.1 and 1 failed
     assert "Cholesky failed" in caplog.text and "test group" in caplog.text
-    assert result.weight.isfinite().all()
+    # Each retry damps the undamped H: the result is that of a solver started at 10.
+    assert torch.equal(result.weight, _solver_with_hessian(INDEFINITE_H, percdamp=10.0).prune(W).weight)
 
 
-def test_hopeless_hessian_names_the_fix():
-    H = torch.block_diag(*[torch.tensor([[1.0, 30.0], [30.0, 1.0]])] * 32)
+def test_inverse_factor_leaves_H_as_it_was():
+    H = INDEFINITE_H + 3 * torch.eye(64)
+    before = H.clone()
+    assert inverse_factor(H, percdamp=0.5) is not None
+    assert torch.equal(H, before)
+
+
+@pytest.mark.parametrize("H, percdamp", [
+    (torch.block_diag(*[torch.tensor([[1.0, 30.0], [30.0, 1.0]])] * 32), 0.01),
+    (INDEFINITE_H, 1.5),  # the next step, 15, would pass MAX_PERCDAMP = 10
+], ids=["hopeless", "past-the-cap"])
+def test_hessian_that_needs_more_than_the_maximum_dampening_names_the_fix(H, percdamp):
     with pytest.raises(ValueError, match="nsamples"):
-        _solver_with_hessian(H).prune(torch.randn(8, 64))
+        _solver_with_hessian(H, percdamp).prune(torch.randn(8, 64))
 
 
 @pytest.mark.parametrize("stream", ["X_hat", "X_tilde"])
@@ -220,6 +284,69 @@ def test_wanda_prunes_the_lowest_scores_of_each_row():
     pruned = pruner.prune(W).weight
     scores = W.abs() * X.square().mean(0).sqrt()
     assert torch.equal(pruned == 0, scores <= scores.median(dim=1, keepdim=True).values)
+
+
+def test_wanda_accumulates_the_mean_square_over_uneven_half_precision_batches():
+    X = (torch.randn(300, 16) * 300).half()  # squares overflow float16
+    pruner = WandaPruner(16, HALF)
+    for chunk in (X[:7], X[7:150], X[150:]):
+        pruner.add_batch(chunk)
+    torch.testing.assert_close(pruner.scaler_row, X.float().square().mean(0))
+
+
+def test_magnitude_prunes_the_smallest_weights_of_the_whole_matrix():
+    W = torch.randn(12, 40)
+    pruned = MagnitudePruner(WeightSparsity.of(0.3)).prune(W).weight
+    assert int((pruned == 0).sum()) == int(W.numel() * 0.3)
+    assert pruned[pruned != 0].abs().min() > W.abs()[pruned == 0].max()
+
+
+def test_nm_ties_prune_the_lower_columns_first():
+    assert torch.equal(nm_lowest(torch.zeros(3, 64), 32, 64), (torch.arange(64) < 32).expand(3, 64))
+
+
+@pytest.mark.parametrize("method", ["duogpt", "wanda"])
+def test_free_releases_every_tensor(method):
+    X_hat, X_tilde = _streams(32, 50)
+    pruner = _pruner(method, 32)
+    pruner.add_batch(X_hat, X_tilde)
+    pruner.prune(torch.randn(4, 32))
+    pruner.free()
+    assert [name for name, v in vars(pruner).items() if isinstance(v, (torch.Tensor, tuple))] == []
+
+
+@pytest.mark.parametrize("value", [0.0, 0.99, (1, 2), (2, 4), (63, 64)])
+def test_weight_sparsity_round_trips_through_its_spec(value):
+    sparsity = WeightSparsity.of(value)
+    assert sparsity.spec() == value and WeightSparsity.of(sparsity.spec()) == sparsity
+
+
+def test_weight_sparsity_prints_and_records_its_kind():
+    assert (str(HALF), str(WeightSparsity.of((2, 4)))) == ("0.5 unstructured", "2:4")
+    assert HALF.to_json() == {"type": "unstructured", "fraction": 0.5}
+    assert WeightSparsity.of((2, 4)).to_json() == {"type": "nm", "n": 2, "m": 4}
+
+
+@pytest.mark.parametrize("args", [(1.0,), (-0.1,), (0.5, 2, 0), (0.5, 0, 4), (0.5, 3, 2), (0.5, 1, 65)])
+def test_weight_sparsity_refuses_what_no_pruner_can_reach(args):
+    with pytest.raises(ValueError, match="weight sparsity must be in|0 < N < M <= 64"):
+        WeightSparsity(*args)
+
+
+def test_threshold_histogram_interpolates_inside_its_bins():
+    histogram = ThresholdHistogram(bins=10)  # coarse: a quantile falls inside a bin
+    histogram.add(torch.rand(200_000))
+    for fraction in (0.15, 0.35, 0.5, 0.85):
+        threshold = histogram.threshold(fraction)
+        assert isinstance(threshold, float) and threshold == pytest.approx(fraction, abs=0.01)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_threshold_histogram_refuses_a_fraction_outside_0_1(fraction):
+    histogram = ThresholdHistogram()
+    histogram.add(torch.rand(100))
+    with pytest.raises(ValueError, match=r"a fraction in \(0, 1\)"):
+        histogram.threshold(fraction)
 
 
 def test_threshold_histogram_finds_the_quantile():
