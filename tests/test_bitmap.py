@@ -28,6 +28,7 @@ def test_golden_matrix_worked_by_hand():
     assert bw.values.tolist() == [1.0, 3.0, 2.0, 4.0]
     assert bw.offsets.tolist() == [0, 2, 4]
     assert bw.shape == (3, 2) and bw.density == 4 / 6
+    assert bw.nbytes == 2 * 4 + 4 * 4 + 3 * 4  # bitmap words, fp32 values, offsets
 
 
 def test_offsets_are_per_1024_row_tile():
@@ -72,12 +73,25 @@ def test_half_precision_at_50_percent_costs_at_most_1_14_bytes_per_weight():
     assert abs(bw.density - 0.5) < 0.01
 
 
-def test_state_dict_round_trip():
-    w = random_sparse(100, 30, 0.5, torch.float16)
+@pytest.mark.parametrize("shape", [(100, 30), (2100, 9)], ids=["one-tile", "three-tiles"])
+def test_state_dict_round_trip(shape):
+    w = random_sparse(*shape, 0.5, torch.float16)
     bw = BitmapWeight.from_dense(w)
-    back = BitmapWeight.from_state_dict(bw.state_dict("layer."), "layer.")
+    back = BitmapWeight.from_state_dict(bw.state_dict("layer."), "layer.", format_version=1)  # docs/format.md
     assert back.shape == bw.shape and torch.equal(back.to_dense(), w)
     assert back.to("cpu").nbytes == bw.nbytes
+
+
+def test_a_state_dict_of_strided_tensors_is_read():
+    bw = BitmapWeight.from_dense(random_sparse(70, 20, 0.5))
+    strided = {key: torch.stack([t, t], -1)[..., 0] if t.dim() else t for key, t in bw.state_dict().items()}
+    assert not strided["bitmap"].is_contiguous()
+    assert torch.equal(BitmapWeight.from_state_dict(strided).to_dense(), bw.to_dense())
+
+
+def test_packing_keeps_no_autograd_graph():
+    w = random_sparse(40, 8, 0.5).requires_grad_()
+    assert not BitmapWeight.from_dense(w).values.requires_grad
 
 
 @pytest.mark.parametrize("corrupt, message", [
@@ -86,7 +100,10 @@ def test_state_dict_round_trip():
     (lambda sd: sd["bitmap"].__setitem__((0, -1), -1), "past row"),
     (lambda sd: sd.update(bitmap=sd["bitmap"][:, :1]), "bitmap is"),
     (lambda sd: sd.pop("offsets"), "missing tensor"),
-], ids=["truncated-values", "offset-mismatch", "padding-bits", "bitmap-shape", "missing"])
+    (lambda sd: sd.update(values=sd["values"].int()), "values must be 1-D float"),
+    (lambda sd: sd.update(values=sd["values"][:, None]), "values must be 1-D float"),
+], ids=["truncated-values", "offset-mismatch", "padding-bits", "bitmap-shape", "missing", "int-values",
+        "2-D-values"])
 def test_corrupted_state_dict_is_rejected(corrupt, message):
     sd = BitmapWeight.from_dense(random_sparse(70, 20, 0.5)).state_dict()
     corrupt(sd)

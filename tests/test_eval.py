@@ -58,6 +58,48 @@ def test_perplexity_protocol_non_overlapping_windows():
         perplexity(Uniform(50), ids, seqlen=200)
 
 
+class Peaked(Uniform):
+    """A 'model' that puts logit 5 on token 0 and 0 on the others."""
+
+    def forward(self, ids, use_cache=False):
+        logits = torch.zeros(*ids.shape, self.vocab)
+        logits[..., 0] = 5.0
+        return type("Out", (), {"logits": logits})()
+
+
+@pytest.mark.parametrize("seqlen, max_windows, windows", [(2, None, 51), (10, 1, 1), (103, None, 1)])
+def test_the_smallest_windows_are_scored(seqlen, max_windows, windows):
+    ids = torch.randint(0, 50, (1, 103))
+    assert window_nlls(Uniform(50), ids, seqlen, max_windows).shape == (windows,)
+    assert math.isclose(perplexity(Uniform(50), ids, seqlen, max_windows), 50.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("seqlen, max_windows", [(1, None), (10, 0)])
+def test_windows_that_predict_nothing_are_refused(seqlen, max_windows):
+    with pytest.raises(ValueError, match="need seqlen >= 2 and at least one window"):
+        perplexity(Uniform(50), torch.randint(0, 50, (1, 103)), seqlen, max_windows)
+
+
+def test_perplexity_scores_one_token_stream():
+    with pytest.raises(ValueError, match=r"input_ids must be \[1, T\], got \(2, 30\)"):
+        perplexity(Uniform(50), torch.randint(0, 50, (2, 30)), 10)
+
+
+def test_fidelity_figures_have_their_closed_forms():
+    """Against a uniform reference u over V = 50 tokens, a model p with logit 5 on token 0 has, at
+    every predicted position, KL(u || p) = -log V - mean(log p), and agrees on top-1 (the
+    reference's argmax is its first tie, token 0)."""
+    ids = torch.randint(1, 50, (3, 11))  # never token 0
+    p = torch.zeros(50).index_fill_(0, torch.tensor([0]), 5.0).softmax(0).double()
+    kl = -math.log(50) - p.log().mean().item()
+    figures = fidelity(Peaked(50), Uniform(50), ids)
+    assert figures["tokens"] == 30
+    assert figures["mean_kl"] == pytest.approx(kl, rel=1e-5)
+    assert figures["top1_agreement"] == 1.0
+    assert figures["ppl"] == pytest.approx(1 / p[1].item(), rel=1e-5)
+    assert fidelity(Uniform(50), Uniform(50), ids)["ppl"] == pytest.approx(50.0, rel=1e-5)
+
+
 def test_a_diverged_model_has_infinite_perplexity_not_an_overflow_error():
     ids = torch.randint(1, 50, (2, 11))  # never token 0: every prediction costs about 1e4 nats
     assert perplexity(Diverged(50), ids[:1], seqlen=10) == math.inf
