@@ -189,24 +189,24 @@ def _run_prune(args) -> int:
         except OSError as err:
             raise ValueError(f"--out {out}: cannot write in {out.parent} ({err.strerror}); choose "
                              f"another --out") from None
-        with logging_redirect_tqdm():
-            model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-            text = None if ppl_source is None else PerplexityText.load(ppl_source, tokenizer,
-                                                                       args.ppl_seqlen, args.ppl_windows)
-            if text is not None:
-                dense = text.score(model)
-                print(f"perplexity before pruning (dense, {text.dataset}, {text.windows} x {text.seqlen} "
-                      f"tokens): {dense:.3f}")
-            report = prune(model, tokenizer, args.calib, config, work_dir=work, progress=not args.quiet)
-            rule = report.activation_sparsity
-            metadata = report.metadata(model_reference(args.model))
-            if text is not None:
-                with activation_rule(model, rule):
-                    pruned = text.score(model)
-                print(f"perplexity after pruning (activation sparsity {rule.fraction:g} {rule.rule}): "
-                      f"{pruned:.3f}")
-                metadata["perplexity"] = dict(text.describe(), dense=dense, pruned=pruned)
-            save_pruned(model, tokenizer, out, metadata, rule)
+        cleanup.enter_context(logging_redirect_tqdm())
+        model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+        text = None if ppl_source is None else PerplexityText.load(ppl_source, tokenizer,
+                                                                   args.ppl_seqlen, args.ppl_windows)
+        if text is not None:
+            dense = text.score(model)
+            print(f"perplexity before pruning (dense, {text.dataset}, {text.windows} x {text.seqlen} "
+                  f"tokens): {dense:.3f}")
+        report = prune(model, tokenizer, args.calib, config, work_dir=work, progress=not args.quiet)
+        rule = report.activation_sparsity
+        metadata = report.metadata(model_reference(args.model))
+        if text is not None:
+            with activation_rule(model, rule):
+                pruned = text.score(model)
+            print(f"perplexity after pruning (activation sparsity {rule.fraction:g} {rule.rule}): "
+                  f"{pruned:.3f}")
+            metadata["perplexity"] = dict(text.describe(), dense=dense, pruned=pruned)
+        save_pruned(model, tokenizer, out, metadata, rule)
         shutil.rmtree(work)
     print(f"saved {out}: {config.method}, weight sparsity {report.weight_sparsity:.4f} "
           f"({config.weight}), activation sparsity {rule.fraction:g} ({rule.rule}), "

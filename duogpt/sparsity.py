@@ -1,8 +1,9 @@
 """Activation sparsity: the rule that zeroes projection inputs, identical in calibration,
 evaluation and the engine.
 
-Two rules (docs/pruning.md, Activation sparsity): `topk` (the paper's: per token, drop the `floor(in * p_a)` smallest
-|x|) and `threshold` (TEAL's: keep |x| > t with one calibrated threshold vector per projection).
+Two rules (docs/pruning.md, Activation sparsity): `topk` (the paper's: per token, drop the
+`floor(in * p_a)` smallest |x|) and `threshold` (TEAL's: keep |x| > t with one calibrated threshold
+vector per projection).
 The exact semantics, ties and NaN included, are those of `duogpt.ops.reference.sparsify`, which
 the spmspv kernels fuse.
 """

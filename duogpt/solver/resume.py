@@ -93,13 +93,13 @@ class LayerStore:
         file = self.folder / f"layer-{index:05d}.safetensors"
         with reading_weights(file):
             tensors = load_file(str(file))
-        found = {k.removeprefix(_THRESHOLD): tuple(v.shape) for k, v in tensors.items()}
-        changed = _differences(found, {k: tuple(v) for k, v in shapes.items()})
+        weights = {k: v for k, v in tensors.items() if not k.startswith(_THRESHOLD)}
+        thresholds = {k[len(_THRESHOLD):]: v for k, v in tensors.items() if k.startswith(_THRESHOLD)}
+        changed = _differences({k: tuple(v.shape) for k, v in (weights | thresholds).items()},
+                               {k: tuple(v) for k, v in shapes.items()})
         if changed:
             raise ValueError(f"{file} does not hold this layer's tensors ({', '.join(changed)} "
                              f"differ); the folder is damaged: remove {self.folder} to start over")
-        weights = {k: v for k, v in tensors.items() if not k.startswith(_THRESHOLD)}
-        thresholds = {k[len(_THRESHOLD):]: v for k, v in tensors.items() if k.startswith(_THRESHOLD)}
         return weights, thresholds, self.layers[str(index)]
 
     def save(self, index: int, weights: dict[str, torch.Tensor], thresholds: dict[str, torch.Tensor],
