@@ -244,6 +244,26 @@ def test_a_bias_of_the_wrong_shape_is_refused():
         SparseLinear.from_bitmap(packed, torch.zeros(1, 8))
 
 
+@pytest.mark.parametrize("tokens", [1, 12])  # the spMspV kernel; the unpacked dense path
+def test_a_bias_is_added_after_the_sparse_product(tokens):
+    """Qwen2's q/k/v projections have one: `sparsify(x) @ W.T + b`, the bias not sparsified; the
+    dense engine's GEMV adds it too."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(40, 24)
+    with torch.no_grad():
+        linear.weight[torch.rand(24, 40) < 0.5] = 0
+        linear.bias.uniform_(1.0, 2.0)
+    module = SparseLinear.from_linear(linear)
+    module.set_activation_rule(TOPK, "up")
+    dense = DenseGemvLinear(40, 24)
+    dense.load_state_dict(linear.state_dict())
+    x = torch.randn(tokens, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), F.linear(sparsify(x, topk_fraction=0.5), linear.weight,
+                                                       linear.bias))
+        torch.testing.assert_close(dense(x), linear(x))
+
+
 def test_a_packed_weight_built_by_hand_is_validated_once_when_wrapped():
     """SparseLinear's calls skip the packed tensors' checks, so a bad weight must not get in."""
     good = BitmapWeight.from_dense(torch.randn(64, 16))

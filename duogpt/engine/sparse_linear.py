@@ -161,15 +161,13 @@ class SparseLinear(nn.Module):
         if 0 < rows.shape[0] <= MAX_TOKENS and not records_grad(x):
             y = spmspv_validated(rows.contiguous(), buffers["bitmap"], buffers["weight"],
                                  buffers["offsets"], self.out_features, threshold, self.topk_fraction)
-            if bias is not None:
-                y = y + bias.to(y.dtype)
         else:
             check_activation_rule(rows, threshold, self.topk_fraction)
             rows = sparsify(rows, threshold, self.topk_fraction)
             y = _UnpackedMatmul.apply(rows, buffers["bitmap"], buffers["weight"], buffers["offsets"],
                                       self.out_features)
-            if bias is not None:
-                y = y + bias.to(y.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
