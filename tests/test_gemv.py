@@ -106,6 +106,16 @@ def test_topk_keeps_every_activation_tied_with_the_threshold(isa, dtype):
     assert_close_to_exact(ops.spmspv(x, bw, topk_fraction=0.5), want, x, w, {"topk_fraction": 0.5})
 
 
+def test_threshold_rule_drops_an_activation_equal_to_its_threshold(isa):
+    # TEAL keeps |x| > threshold[j], strictly: a magnitude equal to its channel's threshold is
+    # dropped, by the kernels as by the reference.
+    w = torch.tensor([[1.0, 2.0, 4.0, 8.0]])
+    x = torch.tensor([[0.5, -0.5, 0.25, -1.0]])
+    threshold = torch.tensor([0.5, 0.25, 0.25, 0.5])
+    assert reference.activation_keep_mask(x, threshold=threshold).tolist() == [[False, True, False, True]]
+    assert ops.spmspv(x, BitmapWeight.from_dense(w), threshold=threshold).tolist() == [[-9.0]]
+
+
 # Past 32 KiB of x in fp32 (here 2100 columns at b >= 4) the AVX2 kernel runs the tokens in
 # pairs (odd b ends with one token) over blocks of 4 rows; 37 rows leave one row outside them.
 @pytest.mark.parametrize("b", range(1, 9))
@@ -205,6 +215,19 @@ def test_non_finite_activations_propagate_through_non_zero_weights(isa):
     assert y[1, 0].isnan() and y[1, 1] == 0.0 and y[1, 2].isnan()
     assert torch.equal(y.isnan(), reference.spmspv(x, *reference.bitmap_pack(w), 3,
                                                    topk_fraction=0.5).isnan())
+
+
+def test_the_reference_matches_the_kernels_around_a_non_finite_activation(isa):
+    # A channel holding a non-finite activation is added weight by weight, its zero weights
+    # skipped: the infinities keep their signs, and another token's finite activation in that
+    # channel counts as usual (0.5 * -4 + 1 * 4 = 2).
+    inf = float("inf")
+    w = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-4.0, 4.0]])
+    x = torch.tensor([[inf, 1.0], [0.5, 1.0]])
+    want = [[inf, 2.0, -inf], [0.5, 2.0, 2.0]]
+    bw = BitmapWeight.from_dense(w)
+    assert ops.spmspv(x, bw).tolist() == want
+    assert reference.spmspv(x, bw.bitmap, bw.values, bw.offsets, 3).tolist() == want
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -58,6 +58,19 @@ def test_nm_rule_matches_reference_and_is_valid(nm, with_P):
     assert (zeros_per_group == nm[0]).all()
 
 
+@pytest.mark.parametrize("nm", [(2, 4), (16, 32), (24, 64)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
+def test_nm_ties_prune_the_lower_columns_first(nm):
+    # Every weight of a row has the same magnitude and U1 = I compensates nothing, so all scores
+    # of a group tie: each group prunes its first N columns, in the kernel as in the reference,
+    # also for M > 16, where an unstable sort reorders ties.
+    n, B = 3, 64
+    W1 = torch.tensor([1.0, -2.0, 0.5])[:, None].expand(n, B).contiguous()
+    native, ref = run_both(W1, torch.eye(B), None, nm=nm, score_coef=torch.ones(B))
+    for got, want in zip(native, ref):
+        assert torch.equal(got, want)
+    assert torch.equal(native[0] == 0, (torch.arange(B) % nm[1] < nm[0]).expand(n, B))
+
+
 def test_pruning_nothing_changes_nothing():
     W1, U1, _ = block_problem(10, 16, with_P=False)
     native, _ = run_both(W1, U1, None, mask=torch.zeros(10, 16, dtype=torch.bool))

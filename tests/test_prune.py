@@ -611,6 +611,18 @@ def test_activation_sparsity_is_a_fraction_below_1(fraction):
         ActivationSparsity(fraction)
 
 
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_the_topk_rule_works_per_token_over_the_last_dimension_of_a_3d_input(fraction):
+    # Calibration reaches the rule with [batch, seq, in] inputs: each token drops its own
+    # floor(in * p_a) smallest |x|, whatever the sizes of the leading dimensions.
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    y = ActivationSparsity(fraction).apply(x, "model.layers.0.mlp.up_proj")
+    drop = math.floor(8 * fraction)
+    assert ((y == 0).sum(-1) == drop).all()
+    assert (y.gather(-1, x.abs().argsort(-1)[..., :drop]) == 0).all()
+    assert torch.equal(y[y != 0], x[y != 0])
+
+
 @pytest.mark.parametrize("rule", ["topk", "threshold"])
 def test_zero_activation_sparsity_leaves_inputs_dense(rule):
     sparsity = ActivationSparsity(0.0, rule)  # the threshold rule needs no thresholds then
