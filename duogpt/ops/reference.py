@@ -64,6 +64,8 @@ def bitmap_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     weights = torch.bitwise_left_shift(torch.ones(WORD_BITS, dtype=torch.int64, device=w.device),
                                        torch.arange(WORD_BITS, device=w.device))
     bitmap = (padded.view(k, words, WORD_BITS) * weights).sum(-1)
+    # Two's complement by hand: torch does not define an int64 -> int32 cast out of range (on CPU it
+    # wraps today, which is why a mutation test could not tell this line from none).
     bitmap = torch.where(bitmap >= 2**31, bitmap - 2**32, bitmap).to(torch.int32)
     tile_counts = torch.zeros(k, tiles * TILE_ROWS, dtype=torch.int64, device=w.device)
     tile_counts[:, :n] = nz.long()
