@@ -4,7 +4,9 @@ masked dense model (dense pruned weights, activation rule applied by hooks) in f
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import time
 import types
 
 import pytest
@@ -22,8 +24,8 @@ from duogpt.calibration.data import sample_from_model
 from duogpt.checkpoint import read_metadata, save_pruned
 from duogpt.engine import SparseLinear, pack_checkpoint, save_packed, set_activation_sparsity
 from duogpt.engine.dense import DenseGemvLinear, set_head_kernel, to_dense_engine
-from duogpt.engine.generate import Decoder
-from duogpt.engine.sparse_linear import sparse_projections
+from duogpt.engine.generate import Decoder, Generation
+from duogpt.engine.sparse_linear import convert_for_runtime, sparse_projections
 from duogpt.models import layer_map, load_model
 from duogpt.ops.reference import sparsify
 from duogpt.sparsity import ActivationSparsity, sparsified_inputs
@@ -264,6 +266,75 @@ def test_a_bias_is_added_after_the_sparse_product(tokens):
         torch.testing.assert_close(dense(x), linear(x))
 
 
+@pytest.mark.parametrize("out_features", [32, 33, 1024, 1025])  # either side of a bitmap word, a tile
+def test_an_empty_module_takes_the_state_dict_of_a_packed_one(out_features):
+    """`SparseLinear(in, out, nnz, dtype=)` is what transformers and `load_state_dict` fill: its
+    buffers have the packed tensors' sizes, and no bias unless asked for."""
+    torch.manual_seed(0)
+    w = torch.randn(out_features, 4)
+    w[torch.rand_like(w) < 0.5] = 0
+    full = SparseLinear.from_bitmap(BitmapWeight.from_dense(w))
+    empty = SparseLinear(4, out_features, full.weight.numel(), dtype=torch.float32)
+    assert ({k: v.shape for k, v in empty.state_dict().items()}
+            == {k: v.shape for k, v in full.state_dict().items()})
+    empty.load_state_dict(full.state_dict())
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(empty(x), x @ w.T)
+
+
+def test_the_resident_bytes_are_those_of_the_three_packed_tensors():
+    w = torch.randn(40, 64)
+    w[torch.rand_like(w) < 0.5] = 0
+    packed = BitmapWeight.from_dense(w, torch.bfloat16)
+    assert SparseLinear.from_bitmap(packed).nbytes == packed.nbytes == (
+        2 * packed.values.numel() + 4 * packed.bitmap.numel() + 4 * packed.offsets.numel())
+
+
+@pytest.mark.parametrize("tokens", [1, 20], ids=["decode", "prefill"])
+def test_a_threshold_given_as_a_strided_view_is_applied(tiny, tokens):
+    module, weight = _threshold_module(tiny)
+    threshold = (torch.rand(128) * 0.8)[::2]  # the module keeps a contiguous copy for the kernels
+    module.set_activation_rule(ActivationSparsity(0.5, "threshold", {"up": threshold}), "up")
+    x = torch.randn(tokens, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), sparsify(x, threshold) @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [3, 12], ids=["decode", "prefill"])
+def test_a_non_contiguous_input_is_read_by_its_values(tiny, tokens):
+    module, weight = _threshold_module(tiny)
+    x = torch.randn(tokens, 128)[:, 32:96]
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), sparsify(x, module.threshold) @ weight.T,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens, kernel", [(1, True), (8, True), (9, False)])
+def test_up_to_max_tokens_run_the_spmspv_kernel(tiny, monkeypatch, tokens, kernel):
+    """Decode batches of up to MAX_TOKENS (8) tokens run the kernel; longer inputs unpack."""
+    from duogpt.engine import sparse_linear
+
+    calls, op = [], sparse_linear.spmspv_validated
+    monkeypatch.setattr(sparse_linear, "spmspv_validated", lambda *a: calls.append(a[0].shape) or op(*a))
+    module, weight = _threshold_module(tiny)
+    x = torch.randn(tokens, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), sparsify(x, module.threshold) @ weight.T,
+                                   rtol=1e-5, atol=1e-5)
+    assert calls == ([(tokens, 64)] if kernel else [])
+
+
+def test_the_module_repr_names_sizes_density_values_dtype_and_rule(tiny):
+    module, weight = _threshold_module(tiny)  # 160 x 64
+    density = (weight != 0).sum().item() / weight.numel()
+    assert repr(module) == (f"SparseLinear(in_features=64, out_features=160, density={density:.3f}, "
+                            f"values=torch.float32, threshold)")
+    module.set_activation_rule(TOPK, "up")
+    assert repr(module).endswith("topk_fraction=0.5)")
+    module.set_activation_rule(ActivationSparsity(0.0), "up")
+    assert repr(module).endswith("dense activations)")
+
+
 def test_a_packed_weight_built_by_hand_is_validated_once_when_wrapped():
     """SparseLinear's calls skip the packed tensors' checks, so a bad weight must not get in."""
     good = BitmapWeight.from_dense(torch.randn(64, 16))
@@ -278,6 +349,37 @@ def test_dense_gemv_linear_runs_a_weight_assigned_later_that_is_not_contiguous(t
     linear.weight = torch.nn.Parameter(torch.randn(64, 160).t(), requires_grad=False)
     x = torch.randn(2, 64)
     torch.testing.assert_close(linear(x), F.linear(x, linear.weight))
+
+
+@pytest.mark.parametrize("tokens, kernel", [(1, True), (8, True), (9, False)])
+def test_dense_gemv_linear_runs_the_kernel_for_up_to_max_tokens(monkeypatch, tokens, kernel):
+    """Its decode GEMV (up to MAX_TOKENS tokens) is duogpt's dense_gemv, longer inputs run
+    nn.Linear; both give nn.Linear's result, also for a non-contiguous x."""
+    from duogpt.engine import dense
+
+    calls, op = [], dense.dense_gemv_validated
+    monkeypatch.setattr(dense, "dense_gemv_validated", lambda x, w: calls.append(x.shape) or op(x, w))
+    torch.manual_seed(0)
+    linear = DenseGemvLinear(64, 24).requires_grad_(False)
+    x = torch.randn(tokens, 128)[:, 32:96]
+    torch.testing.assert_close(linear(x), F.linear(x, linear.weight, linear.bias))
+    assert calls == ([(tokens, 64)] if kernel else [])
+
+
+def test_the_dense_engine_keeps_a_projections_bias_frozen():
+    """Qwen2-style q/k/v biases survive sparse -> dense; the engine records no autograd, so a
+    decode step in grad mode still runs the GEMV kernel."""
+    model = tiny_pruned_model()
+    q = model.model.layers[0].self_attn.q_proj
+    q.bias = torch.nn.Parameter(torch.rand(q.out_features))
+    ids = torch.randint(0, 300, (1, 5))
+    with torch.no_grad():
+        want = model(ids).logits
+    engine = to_dense_engine(convert_for_runtime(model, ActivationSparsity(0.0)), "duogpt")
+    q = engine.model.layers[0].self_attn.q_proj
+    assert type(q) is DenseGemvLinear and not q.weight.requires_grad and not q.bias.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(engine(ids).logits, want, rtol=1e-4, atol=1e-4)
 
 
 def test_sparse_linear_takes_empty_batches_and_names_a_wrong_width(tiny):
@@ -779,6 +881,43 @@ def test_generation_stops_once_every_sequence_has_ended():
                                                     eos_token_id=9).tokens.tolist() == script
     assert Decoder(ScriptedLM(script), 10).generate(torch.zeros(2, 1, dtype=torch.int64), 6,
                                                     eos_token_id=5).tokens.tolist() == [[5], [5]]
+
+
+def test_decode_rate_counts_every_sequence_over_the_decode_steps():
+    """`new - 1` steps (the first token comes from the prefill) of `batch` sequences each; NaN
+    where there was no decode step to time."""
+    assert Generation(torch.zeros(2, 5, dtype=torch.int64), 0.5, 2.0).decode_tokens_per_s == 4.0
+    assert Generation(torch.zeros(1, 2, dtype=torch.int64), 0.5, 0.5).decode_tokens_per_s == 2.0
+    assert math.isnan(Generation(torch.zeros(2, 1, dtype=torch.int64), 0.5, 0.0).decode_tokens_per_s)
+    assert math.isnan(Generation(torch.zeros(2, 5, dtype=torch.int64), 0.5, 0.0).decode_tokens_per_s)
+
+
+def test_generation_times_the_prefill_and_the_decode_steps_apart():
+    start = time.perf_counter()
+    result = Decoder(ScriptedLM([[5, 6, 7, 8]]), 8).generate(torch.zeros(1, 2, dtype=torch.int64), 4)
+    elapsed = time.perf_counter() - start
+    assert result.tokens.tolist() == [[5, 6, 7, 8]]
+    assert 0 <= result.prefill_s and 0 <= result.decode_s and result.prefill_s + result.decode_s <= elapsed
+
+
+def test_a_generation_may_fill_the_cache_exactly():
+    """`max_seq_len` bounds prompt plus new tokens: 3 + 5 fit in 8 positions, 3 + 6 do not."""
+    script = [[1, 2, 3, 4, 5, 6]]
+    prompt = torch.zeros(1, 3, dtype=torch.int64)
+    assert Decoder(ScriptedLM(script), 8).generate(prompt, 5).tokens.tolist() == [script[0][:5]]
+    assert Decoder(ScriptedLM(script), 8).generate(prompt, 1).tokens.tolist() == [[1]]
+    with pytest.raises(ValueError, match=r"3 prompt \+ 6 new tokens exceed the cache of 8 positions"):
+        Decoder(ScriptedLM(script), 8).generate(prompt, 6)
+
+
+def test_a_decoder_generates_the_same_tokens_each_time():
+    """Each generation starts from an empty cache."""
+    model = tiny_pruned_model(tied=False)  # its greedy tokens follow the cache's contents
+    decoder = Decoder(model, max_seq_len=16)
+    prompt = torch.randint(0, 300, (1, 5))
+    first = decoder.generate(prompt, 6).tokens
+    assert torch.equal(decoder.generate(prompt, 6).tokens, first)
+    assert torch.equal(Decoder(model, max_seq_len=16).generate(prompt, 6).tokens, first)
 
 
 def test_a_decoder_takes_one_batch_size_and_at_least_one_new_token(tiny):
