@@ -8,6 +8,7 @@ import math
 import shutil
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,10 +22,11 @@ from transformers.quantizers import auto as hf_auto
 import duogpt
 from duogpt import BitmapWeight, cli
 from duogpt.calibration.data import sample_from_model
-from duogpt.checkpoint import read_metadata, save_pruned
+from duogpt.checkpoint import THRESHOLDS_FILE, atomic_folder, read_metadata, save_pruned, write_metadata
 from duogpt.engine import SparseLinear, pack_checkpoint, save_packed, set_activation_sparsity
 from duogpt.engine.dense import DenseGemvLinear, set_head_kernel, to_dense_engine
 from duogpt.engine.generate import Decoder, Generation
+from duogpt.engine.quantizer import DuoGPTConfig
 from duogpt.engine.sparse_linear import convert_for_runtime, sparse_projections
 from duogpt.models import layer_map, load_model
 from duogpt.ops.reference import sparsify
@@ -942,3 +944,127 @@ def test_a_forward_in_grad_mode_keeps_no_dense_weight_and_gives_the_masked_dense
     x_ref = x.detach().requires_grad_()
     (F.linear(sparsify(x_ref, None, 0.5), module.dense_weight()) * g).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_pack_records_the_exact_bytes_of_the_projections(tiny):
+    """duogpt.json's packing stats are the packed tensors' bytes and the dense projections'."""
+    model, _, _, packed = tiny
+    stats = read_metadata(packed)["packing"]
+    loaded = duogpt.load(packed)
+    assert stats["projection_bytes_packed"] == sum(m.nbytes for m in sparse_projections(loaded).values())
+    assert stats["projection_bytes_dense"] == sum(
+        lin.weight.numel() * lin.weight.element_size()
+        for lin in layer_map(model).named_projections().values())
+    assert stats["storage_dtype"] == "float32"
+
+
+def test_pack_casts_only_the_floating_tensors(tiny, tmp_path):
+    """`dtype` is a storage dtype for floating tensors; an integer tensor is copied as it is."""
+    _, _, dense, _ = tiny
+    src = tmp_path / "dense"
+    shutil.copytree(dense, src)
+    tensors = load_file(src / "model.safetensors")
+    counts = torch.arange(6, dtype=torch.int64)
+    tensors["extra.counts"] = counts
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    packed = load_file(pack_checkpoint(src, tmp_path / "bf16", dtype=torch.bfloat16) / "model.safetensors")
+    assert packed["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert packed["extra.counts"].dtype == torch.int64 and torch.equal(packed["extra.counts"], counts)
+
+
+def test_pack_copies_the_files_of_the_source_but_not_its_subfolders(tiny, tmp_path):
+    """Hub downloads may hold subfolders (`original/`); pack copies only the top-level files."""
+    _, _, dense, _ = tiny
+    src = tmp_path / "dense"
+    shutil.copytree(dense, src)
+    (src / "original").mkdir()
+    (src / "original" / "params.json").write_text("{}")
+    (src / "README.md").write_text("notes")
+    packed = pack_checkpoint(src, tmp_path / "packed")
+    assert (packed / "README.md").read_text() == "notes"
+    assert not (packed / "original").exists()
+    assert read_metadata(packed)["format"] == "bitmap"
+
+
+def test_save_packed_and_pack_keep_an_existing_out_unless_told_to_overwrite(tiny, tmp_path):
+    model, tokenizer, dense, _ = tiny
+    out = tmp_path / "out"
+    shutil.copytree(dense, out)  # an earlier duogpt output
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_packed(model, tokenizer, out, METADATA, TOPK)
+    with pytest.raises(FileExistsError, match="already exists"):
+        pack_checkpoint(dense, out)
+    assert read_metadata(out)["format"] == "dense"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    save_packed(model, tokenizer, out, METADATA, TOPK, overwrite=True)
+    assert read_metadata(out)["format"] == "bitmap"
+
+
+def test_a_checkpoint_without_projection_weights_is_refused(tiny, tmp_path):
+    _, _, dense, _ = tiny
+    src = tmp_path / "dense"
+    shutil.copytree(dense, src)
+    tensors = {k: v for k, v in load_file(src / "model.safetensors").items() if ".layers." not in k}
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="holds no projection weights"):
+        pack_checkpoint(src, tmp_path / "packed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+
+
+def test_a_failed_final_rename_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "duogpt.json").write_text("old")
+    rename = Path.rename
+
+    def staging_cannot_be_renamed(self, target):
+        if self.name.startswith(".out.tmp-") and not self.name.endswith("-old"):
+            raise OSError("rename failed")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", staging_cannot_be_renamed)
+    with pytest.raises(OSError, match="rename failed"), atomic_folder(out, overwrite=True) as staging:
+        (staging / "duogpt.json").write_text("new")
+    assert (out / "duogpt.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_thresholds_are_stored_as_contiguous_float32_whatever_their_dtype_and_layout(tmp_path):
+    """Thresholds calibrated on a bf16 model, or sliced from a larger tensor, are still saved."""
+    half = torch.rand(8).to(torch.bfloat16)
+    strided = torch.rand(16)[::2]
+    sparsity = ActivationSparsity(0.5, "threshold", {"model.layers.0.mlp.up_proj": half,
+                                                     "model.layers.0.mlp.down_proj": strided})
+    write_metadata(tmp_path, METADATA, sparsity)
+    stored = load_file(tmp_path / THRESHOLDS_FILE)
+    assert {v.dtype for v in stored.values()} == {torch.float32}
+    assert torch.equal(stored["model.layers.0.mlp.up_proj"], half.float())
+    assert torch.equal(stored["model.layers.0.mlp.down_proj"], strided)
+
+
+def test_auto_model_runs_the_activation_rule_of_the_packed_folder(tiny):
+    """transformers' own loader gives the same model as duogpt.load: top-k 50 % on every input."""
+    model, _, _, packed = tiny
+    loaded = AutoModelForCausalLM.from_pretrained(packed)
+    assert {m.topk_fraction for m in sparse_projections(loaded).values()} == {0.5}
+    assert_matches_masked_dense(loaded, model, TOPK, torch.randint(0, 300, (1, 5)))
+
+
+def test_a_model_loaded_through_transformers_cannot_be_saved_again(tiny, tmp_path):
+    *_, packed = tiny
+    with pytest.raises(ValueError, match="not serializable"):
+        AutoModelForCausalLM.from_pretrained(packed).save_pretrained(tmp_path / "resaved")
+
+
+@pytest.mark.parametrize("format, version", [("bitmap", 2), ("csr", 1)])
+def test_the_quantization_config_refuses_other_formats_and_versions(format, version):
+    with pytest.raises(ValueError, match="is not supported by this duogpt"):
+        DuoGPTConfig(format=format, format_version=version)
+
+
+def test_the_quantization_config_round_trips_and_defaults_to_dense_activations():
+    config = DuoGPTConfig.from_dict({"quant_method": "duogpt", "format": "bitmap", "format_version": 1,
+                                     "activation_sparsity": {"fraction": 0.5, "rule": "topk"}})
+    assert {"format": "bitmap", "format_version": 1}.items() <= config.to_dict().items()
+    assert DuoGPTConfig().activation_sparsity == {"fraction": 0.0, "rule": "topk"}
+    assert DuoGPTConfig().sparsity().fraction == 0.0

@@ -32,7 +32,9 @@ from duogpt.checkpoint import (
 from duogpt.cli import build_parser, main
 from duogpt.eval import perplexity
 from duogpt.models import layer_map
+from duogpt.models.adapters import GROUPS
 from duogpt.prune import PruneConfig
+from duogpt.solver.obs import OBSSolver
 from duogpt.solver.resume import LayerStore
 from duogpt.solver.sequential import Pipeline
 from duogpt.sparsity import ActivationSparsity, sparsified_inputs
@@ -712,3 +714,74 @@ def test_duogpt_beats_sparsegpt_and_wanda_on_smollm2(data_dir, tmp_path, monkeyp
                      "--ppl", "wikitext2", "--ppl-windows", "4", "--ppl-seqlen", "512", "-q"]) == 0
         ppl[method] = read_metadata(out)["perplexity"]["pruned"]
     assert ppl["duogpt"] < ppl["sparsegpt"] and ppl["duogpt"] < ppl["wanda"], ppl
+
+
+def _group_inputs(model, ids, sparsity=None) -> dict[str, list[torch.Tensor]]:
+    """`{first projection of each group: [input of window s]}` when `model` runs window by window,
+    its projections' inputs sparsified by `sparsity` (recorded after the sparsifier) if given."""
+    projections = layer_map(model).named_projections()
+    firsts = {f"model.layers.{i}.{group[0]}" for i in range(len(model.model.layers)) for group in GROUPS}
+    seen = {name: [] for name in firsts}
+    with sparsified_inputs(projections, sparsity) if sparsity else torch.no_grad():
+        hooks = [projections[name].register_forward_pre_hook(
+            lambda _m, args, name=name: seen[name].append(args[0].clone())) for name in firsts]
+        with torch.no_grad():
+            for s in range(ids.shape[0]):
+                model(ids[s:s + 1], use_cache=False)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_duogpt_calibrates_each_group_on_the_pruned_sparse_stream_and_the_original_dense_one(monkeypatch):
+    """Each group's statistics see, window by window, X̂ = what the group gets in the pruned model
+    run with activation sparsity (every earlier layer and earlier group pruned; under true-sequential
+    a group's input never depends on its own or later weights) and X̃ = what it gets in the original
+    model without activation sparsity."""
+    ids = torch.randint(3, len(WORDS) + 3, (4, 16), generator=torch.Generator().manual_seed(0))
+    dense = _group_inputs(_tiny_model(), ids)
+    calls = {}
+    add_batch = OBSSolver.add_batch
+
+    def recording(self, X_hat, X_tilde=None):
+        first = self.label.split(", ")[0]
+        calls.setdefault(first, []).append((X_hat.clone(), None if X_tilde is None else X_tilde.clone()))
+        return add_batch(self, X_hat, X_tilde)
+
+    monkeypatch.setattr(OBSSolver, "add_batch", recording)
+    model = _tiny_model()
+    report = duogpt.prune(model, None, ids, method="duogpt", device="cpu", progress=False)
+    sparse = _group_inputs(model, ids, report.activation_sparsity)
+    assert set(calls) == set(dense) == set(sparse)
+    for name, batches in calls.items():
+        assert len(batches) == ids.shape[0], name
+        for s, (X_hat, X_tilde) in enumerate(batches):
+            assert X_tilde is not None, name
+            torch.testing.assert_close(X_hat, sparse[name][s], rtol=1e-5, atol=1e-5, msg=f"X̂ of {name}")
+            torch.testing.assert_close(X_tilde, dense[name][s], rtol=1e-5, atol=1e-5, msg=f"X̃ of {name}")
+
+
+@pytest.mark.parametrize("seqlen, refused", [(17, True), (16, False)])
+def test_mixed_attention_is_refused_when_the_windows_exceed_the_sliding_window(seqlen, refused):
+    """Every layer runs with layer 0's attention mask, exact only while the sliding window covers
+    the whole calibration window (or all layers use one kind of attention)."""
+    model, ids = _tiny_model(), torch.randint(3, len(WORDS) + 3, (2, seqlen))
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    model.config.sliding_window = 16
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    if refused:
+        with pytest.raises(ValueError, match=r"mixes attention types \['full_attention', "
+                                             r"'sliding_attention'\] and --seqlen 17 exceeds its "
+                                             r"sliding window 16; use --seqlen 16 or less"):
+            duogpt.prune(model, None, ids, method="wanda", device="cpu", progress=False)
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing pruned
+    else:
+        duogpt.prune(model, None, ids, method="wanda", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("seqlen", [17, 64])
+def test_one_attention_kind_or_no_sliding_window_takes_any_window_length(seqlen):
+    for layer_types, window in ((["full_attention"] * 2, 16), (["sliding_attention", "full_attention"], None)):
+        model, ids = _tiny_model(), torch.randint(3, len(WORDS) + 3, (2, seqlen))
+        model.config.layer_types, model.config.sliding_window = layer_types, window
+        duogpt.prune(model, None, ids, method="wanda", device="cpu", progress=False)
