@@ -175,6 +175,12 @@ def _threshold_module(tiny) -> tuple[SparseLinear, torch.Tensor]:
     return module, linear.weight.detach()
 
 
+def _assert_applies_threshold(module, weight, x, threshold):
+    """`module(x)` is the masked dense product `sparsify(x, threshold) @ weight.T`."""
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), sparsify(x, threshold) @ weight.T, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("cast", [lambda m: m.half(), lambda m: m.to(torch.bfloat16)],
                          ids=["half", "to-bfloat16"])
 def test_a_dtype_cast_keeps_the_thresholds_in_float32(tiny, cast):
@@ -297,18 +303,13 @@ def test_a_threshold_given_as_a_strided_view_is_applied(tiny, tokens):
     module, weight = _threshold_module(tiny)
     threshold = (torch.rand(128) * 0.8)[::2]  # the module keeps a contiguous copy for the kernels
     module.set_activation_rule(ActivationSparsity(0.5, "threshold", {"up": threshold}), "up")
-    x = torch.randn(tokens, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(module(x), sparsify(x, threshold) @ weight.T, rtol=1e-5, atol=1e-5)
+    _assert_applies_threshold(module, weight, torch.randn(tokens, 64), threshold)
 
 
 @pytest.mark.parametrize("tokens", [3, 12], ids=["decode", "prefill"])
 def test_a_non_contiguous_input_is_read_by_its_values(tiny, tokens):
     module, weight = _threshold_module(tiny)
-    x = torch.randn(tokens, 128)[:, 32:96]
-    with torch.no_grad():
-        torch.testing.assert_close(module(x), sparsify(x, module.threshold) @ weight.T,
-                                   rtol=1e-5, atol=1e-5)
+    _assert_applies_threshold(module, weight, torch.randn(tokens, 128)[:, 32:96], module.threshold)
 
 
 @pytest.mark.parametrize("tokens, kernel", [(1, True), (8, True), (9, False)])
@@ -319,10 +320,7 @@ def test_up_to_max_tokens_run_the_spmspv_kernel(tiny, monkeypatch, tokens, kerne
     calls, op = [], sparse_linear.spmspv_validated
     monkeypatch.setattr(sparse_linear, "spmspv_validated", lambda *a: calls.append(a[0].shape) or op(*a))
     module, weight = _threshold_module(tiny)
-    x = torch.randn(tokens, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(module(x), sparsify(x, module.threshold) @ weight.T,
-                                   rtol=1e-5, atol=1e-5)
+    _assert_applies_threshold(module, weight, torch.randn(tokens, 64), module.threshold)
     assert calls == ([(tokens, 64)] if kernel else [])
 
 
@@ -482,6 +480,37 @@ def test_a_failed_save_packed_leaves_nothing_behind(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_final_rename_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "duogpt.json").write_text("old")
+    rename = Path.rename
+
+    def staging_cannot_be_renamed(self, target):
+        if self.name.startswith(".out.tmp-") and not self.name.endswith("-old"):
+            raise OSError("rename failed")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", staging_cannot_be_renamed)
+    with pytest.raises(OSError, match="rename failed"), atomic_folder(out, overwrite=True) as staging:
+        (staging / "duogpt.json").write_text("new")
+    assert (out / "duogpt.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_thresholds_are_stored_as_contiguous_float32_whatever_their_dtype_and_layout(tmp_path):
+    """Thresholds calibrated on a bf16 model, or sliced from a larger tensor, are still saved."""
+    half = torch.rand(8).to(torch.bfloat16)
+    strided = torch.rand(16)[::2]
+    sparsity = ActivationSparsity(0.5, "threshold", {"model.layers.0.mlp.up_proj": half,
+                                                     "model.layers.0.mlp.down_proj": strided})
+    write_metadata(tmp_path, METADATA, sparsity)
+    stored = load_file(tmp_path / THRESHOLDS_FILE)
+    assert {v.dtype for v in stored.values()} == {torch.float32}
+    assert torch.equal(stored["model.layers.0.mlp.up_proj"], half.float())
+    assert torch.equal(stored["model.layers.0.mlp.down_proj"], strided)
+
+
 @pytest.mark.parametrize("shard_size", ["10MB", "60KB"], ids=["one-shard-with-index", "shards"])
 def test_sharded_checkpoint_keeps_its_shards_and_index(tiny, tmp_path, shard_size):
     model, tokenizer, _, _ = tiny
@@ -493,7 +522,7 @@ def test_sharded_checkpoint_keeps_its_shards_and_index(tiny, tmp_path, shard_siz
         (dense / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {}, "weight_map": dict.fromkeys(keys, "model-00001-of-00001.safetensors")}))
     tokenizer.save_pretrained(dense)
-    duogpt.checkpoint.write_metadata(dense, METADATA, TOPK)
+    write_metadata(dense, METADATA, TOPK)
     packed = pack_checkpoint(dense, tmp_path / "packed")
     index = json.loads((packed / "model.safetensors.index.json").read_text())
     assert {"model.layers.0.mlp.up_proj.bitmap", "model.embed_tokens.weight"} <= index["weight_map"].keys()
@@ -519,6 +548,71 @@ def test_pack_casts_storage_dtype(tiny, tmp_path):
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="already packed"):
         pack_checkpoint(packed, tmp_path / "again")
+
+
+def test_pack_records_the_exact_bytes_of_the_projections(tiny):
+    """duogpt.json's packing stats are the packed tensors' bytes and the dense projections'."""
+    model, _, _, packed = tiny
+    stats = read_metadata(packed)["packing"]
+    loaded = duogpt.load(packed)
+    assert stats["projection_bytes_packed"] == sum(m.nbytes for m in sparse_projections(loaded).values())
+    assert stats["projection_bytes_dense"] == sum(
+        lin.weight.numel() * lin.weight.element_size()
+        for lin in layer_map(model).named_projections().values())
+    assert stats["storage_dtype"] == "float32"
+
+
+def test_pack_casts_only_the_floating_tensors(tiny, tmp_path):
+    """`dtype` is a storage dtype for floating tensors; an integer tensor is copied as it is."""
+    _, _, dense, _ = tiny
+    src = tmp_path / "dense"
+    shutil.copytree(dense, src)
+    tensors = load_file(src / "model.safetensors")
+    counts = torch.arange(6, dtype=torch.int64)
+    tensors["extra.counts"] = counts
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    packed = load_file(pack_checkpoint(src, tmp_path / "bf16", dtype=torch.bfloat16) / "model.safetensors")
+    assert packed["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert packed["extra.counts"].dtype == torch.int64 and torch.equal(packed["extra.counts"], counts)
+
+
+def test_pack_copies_the_files_of_the_source_but_not_its_subfolders(tiny, tmp_path):
+    """Hub downloads may hold subfolders (`original/`); pack copies only the top-level files."""
+    _, _, dense, _ = tiny
+    src = tmp_path / "dense"
+    shutil.copytree(dense, src)
+    (src / "original").mkdir()
+    (src / "original" / "params.json").write_text("{}")
+    (src / "README.md").write_text("notes")
+    packed = pack_checkpoint(src, tmp_path / "packed")
+    assert (packed / "README.md").read_text() == "notes"
+    assert not (packed / "original").exists()
+    assert read_metadata(packed)["format"] == "bitmap"
+
+
+def test_save_packed_and_pack_keep_an_existing_out_unless_told_to_overwrite(tiny, tmp_path):
+    model, tokenizer, dense, _ = tiny
+    out = tmp_path / "out"
+    shutil.copytree(dense, out)  # an earlier duogpt output
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_packed(model, tokenizer, out, METADATA, TOPK)
+    with pytest.raises(FileExistsError, match="already exists"):
+        pack_checkpoint(dense, out)
+    assert read_metadata(out)["format"] == "dense"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    save_packed(model, tokenizer, out, METADATA, TOPK, overwrite=True)
+    assert read_metadata(out)["format"] == "bitmap"
+
+
+def test_a_checkpoint_without_projection_weights_is_refused(tiny, tmp_path):
+    _, _, dense, _ = tiny
+    src = tmp_path / "dense"
+    shutil.copytree(dense, src)
+    tensors = {k: v for k, v in load_file(src / "model.safetensors").items() if ".layers." not in k}
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="holds no projection weights"):
+        pack_checkpoint(src, tmp_path / "packed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
 
 
 def test_unregistered_load_fails_loudly(tiny, monkeypatch):
@@ -553,6 +647,34 @@ def test_auto_model_loads_packed_whichever_is_imported_first(tiny, imports):
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["SparseLinear", "0"]  # and the import hook is gone
+
+
+def test_auto_model_runs_the_activation_rule_of_the_packed_folder(tiny):
+    """transformers' own loader gives the same model as duogpt.load: top-k 50 % on every input."""
+    model, _, _, packed = tiny
+    loaded = AutoModelForCausalLM.from_pretrained(packed)
+    assert {m.topk_fraction for m in sparse_projections(loaded).values()} == {0.5}
+    assert_matches_masked_dense(loaded, model, TOPK, torch.randint(0, 300, (1, 5)))
+
+
+def test_a_model_loaded_through_transformers_cannot_be_saved_again(tiny, tmp_path):
+    *_, packed = tiny
+    with pytest.raises(ValueError, match="not serializable"):
+        AutoModelForCausalLM.from_pretrained(packed).save_pretrained(tmp_path / "resaved")
+
+
+@pytest.mark.parametrize("format, version", [("bitmap", 2), ("csr", 1)])
+def test_the_quantization_config_refuses_other_formats_and_versions(format, version):
+    with pytest.raises(ValueError, match="is not supported by this duogpt"):
+        DuoGPTConfig(format=format, format_version=version)
+
+
+def test_the_quantization_config_round_trips_and_defaults_to_dense_activations():
+    config = DuoGPTConfig.from_dict({"quant_method": "duogpt", "format": "bitmap", "format_version": 1,
+                                     "activation_sparsity": {"fraction": 0.5, "rule": "topk"}})
+    assert {"format": "bitmap", "format_version": 1}.items() <= config.to_dict().items()
+    assert DuoGPTConfig().activation_sparsity == {"fraction": 0.0, "rule": "topk"}
+    assert DuoGPTConfig().sparsity().fraction == 0.0
 
 
 def test_registration_works_with_a_loader_that_takes_no_attributes():
@@ -944,127 +1066,3 @@ def test_a_forward_in_grad_mode_keeps_no_dense_weight_and_gives_the_masked_dense
     x_ref = x.detach().requires_grad_()
     (F.linear(sparsify(x_ref, None, 0.5), module.dense_weight()) * g).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
-
-
-def test_pack_records_the_exact_bytes_of_the_projections(tiny):
-    """duogpt.json's packing stats are the packed tensors' bytes and the dense projections'."""
-    model, _, _, packed = tiny
-    stats = read_metadata(packed)["packing"]
-    loaded = duogpt.load(packed)
-    assert stats["projection_bytes_packed"] == sum(m.nbytes for m in sparse_projections(loaded).values())
-    assert stats["projection_bytes_dense"] == sum(
-        lin.weight.numel() * lin.weight.element_size()
-        for lin in layer_map(model).named_projections().values())
-    assert stats["storage_dtype"] == "float32"
-
-
-def test_pack_casts_only_the_floating_tensors(tiny, tmp_path):
-    """`dtype` is a storage dtype for floating tensors; an integer tensor is copied as it is."""
-    _, _, dense, _ = tiny
-    src = tmp_path / "dense"
-    shutil.copytree(dense, src)
-    tensors = load_file(src / "model.safetensors")
-    counts = torch.arange(6, dtype=torch.int64)
-    tensors["extra.counts"] = counts
-    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    packed = load_file(pack_checkpoint(src, tmp_path / "bf16", dtype=torch.bfloat16) / "model.safetensors")
-    assert packed["model.embed_tokens.weight"].dtype == torch.bfloat16
-    assert packed["extra.counts"].dtype == torch.int64 and torch.equal(packed["extra.counts"], counts)
-
-
-def test_pack_copies_the_files_of_the_source_but_not_its_subfolders(tiny, tmp_path):
-    """Hub downloads may hold subfolders (`original/`); pack copies only the top-level files."""
-    _, _, dense, _ = tiny
-    src = tmp_path / "dense"
-    shutil.copytree(dense, src)
-    (src / "original").mkdir()
-    (src / "original" / "params.json").write_text("{}")
-    (src / "README.md").write_text("notes")
-    packed = pack_checkpoint(src, tmp_path / "packed")
-    assert (packed / "README.md").read_text() == "notes"
-    assert not (packed / "original").exists()
-    assert read_metadata(packed)["format"] == "bitmap"
-
-
-def test_save_packed_and_pack_keep_an_existing_out_unless_told_to_overwrite(tiny, tmp_path):
-    model, tokenizer, dense, _ = tiny
-    out = tmp_path / "out"
-    shutil.copytree(dense, out)  # an earlier duogpt output
-    with pytest.raises(FileExistsError, match="already exists"):
-        save_packed(model, tokenizer, out, METADATA, TOPK)
-    with pytest.raises(FileExistsError, match="already exists"):
-        pack_checkpoint(dense, out)
-    assert read_metadata(out)["format"] == "dense"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    save_packed(model, tokenizer, out, METADATA, TOPK, overwrite=True)
-    assert read_metadata(out)["format"] == "bitmap"
-
-
-def test_a_checkpoint_without_projection_weights_is_refused(tiny, tmp_path):
-    _, _, dense, _ = tiny
-    src = tmp_path / "dense"
-    shutil.copytree(dense, src)
-    tensors = {k: v for k, v in load_file(src / "model.safetensors").items() if ".layers." not in k}
-    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="holds no projection weights"):
-        pack_checkpoint(src, tmp_path / "packed")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
-
-
-def test_a_failed_final_rename_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "duogpt.json").write_text("old")
-    rename = Path.rename
-
-    def staging_cannot_be_renamed(self, target):
-        if self.name.startswith(".out.tmp-") and not self.name.endswith("-old"):
-            raise OSError("rename failed")
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "rename", staging_cannot_be_renamed)
-    with pytest.raises(OSError, match="rename failed"), atomic_folder(out, overwrite=True) as staging:
-        (staging / "duogpt.json").write_text("new")
-    assert (out / "duogpt.json").read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-
-
-def test_thresholds_are_stored_as_contiguous_float32_whatever_their_dtype_and_layout(tmp_path):
-    """Thresholds calibrated on a bf16 model, or sliced from a larger tensor, are still saved."""
-    half = torch.rand(8).to(torch.bfloat16)
-    strided = torch.rand(16)[::2]
-    sparsity = ActivationSparsity(0.5, "threshold", {"model.layers.0.mlp.up_proj": half,
-                                                     "model.layers.0.mlp.down_proj": strided})
-    write_metadata(tmp_path, METADATA, sparsity)
-    stored = load_file(tmp_path / THRESHOLDS_FILE)
-    assert {v.dtype for v in stored.values()} == {torch.float32}
-    assert torch.equal(stored["model.layers.0.mlp.up_proj"], half.float())
-    assert torch.equal(stored["model.layers.0.mlp.down_proj"], strided)
-
-
-def test_auto_model_runs_the_activation_rule_of_the_packed_folder(tiny):
-    """transformers' own loader gives the same model as duogpt.load: top-k 50 % on every input."""
-    model, _, _, packed = tiny
-    loaded = AutoModelForCausalLM.from_pretrained(packed)
-    assert {m.topk_fraction for m in sparse_projections(loaded).values()} == {0.5}
-    assert_matches_masked_dense(loaded, model, TOPK, torch.randint(0, 300, (1, 5)))
-
-
-def test_a_model_loaded_through_transformers_cannot_be_saved_again(tiny, tmp_path):
-    *_, packed = tiny
-    with pytest.raises(ValueError, match="not serializable"):
-        AutoModelForCausalLM.from_pretrained(packed).save_pretrained(tmp_path / "resaved")
-
-
-@pytest.mark.parametrize("format, version", [("bitmap", 2), ("csr", 1)])
-def test_the_quantization_config_refuses_other_formats_and_versions(format, version):
-    with pytest.raises(ValueError, match="is not supported by this duogpt"):
-        DuoGPTConfig(format=format, format_version=version)
-
-
-def test_the_quantization_config_round_trips_and_defaults_to_dense_activations():
-    config = DuoGPTConfig.from_dict({"quant_method": "duogpt", "format": "bitmap", "format_version": 1,
-                                     "activation_sparsity": {"fraction": 0.5, "rule": "topk"}})
-    assert {"format": "bitmap", "format_version": 1}.items() <= config.to_dict().items()
-    assert DuoGPTConfig().activation_sparsity == {"fraction": 0.0, "rule": "topk"}
-    assert DuoGPTConfig().sparsity().fraction == 0.0
