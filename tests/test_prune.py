@@ -333,6 +333,34 @@ def test_interrupted_run_resumes_from_the_last_finished_layer(monkeypatch, tmp_p
                      progress=False)
 
 
+def test_a_resumed_threshold_run_matches_an_uninterrupted_one(monkeypatch, tmp_path):
+    """A finished layer's weights and thresholds come back from the store, and the sparse stream
+    goes on through it with those thresholds: the resumed run ends where one run would."""
+    ids = torch.randint(3, len(WORDS) + 3, (4, 16))
+    config = PruneConfig(device="cpu", activation_rule="threshold")
+    reference = _tiny_model()
+    want = duogpt.prune(reference, None, ids, config, progress=False)
+
+    original = Pipeline._prune_groups
+
+    def fail_on_second_layer(self, layer, prefix, *args):
+        if prefix == "model.layers.1.":
+            raise KeyboardInterrupt
+        return original(self, layer, prefix, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Pipeline, "_prune_groups", fail_on_second_layer)
+        with pytest.raises(KeyboardInterrupt):
+            duogpt.prune(_tiny_model(), None, ids, config, work_dir=tmp_path / "work", progress=False)
+    resumed = _tiny_model()
+    got = duogpt.prune(resumed, None, ids, config, work_dir=tmp_path / "work", progress=False)
+    assert got.metadata("tiny")["resumed_layers"] == [0]
+    assert set(got.activation_sparsity.thresholds) == set(layer_map(resumed).named_projections())
+    for name, t in want.activation_sparsity.thresholds.items():
+        assert torch.equal(got.activation_sparsity.thresholds[name], t), name
+    for name, linear in layer_map(resumed).named_projections().items():
+        assert torch.equal(linear.weight, reference.get_submodule(name).weight), name
+
 def test_resume_takes_the_same_model_loaded_from_another_path_spelling(tmp_path):
     ids, config = torch.randint(3, len(WORDS) + 3, (8, 32)), PruneConfig(device="cpu")
     first, again = _tiny_model(), _tiny_model()
@@ -760,6 +788,26 @@ def test_duogpt_calibrates_each_group_on_the_pruned_sparse_stream_and_the_origin
             torch.testing.assert_close(X_hat, sparse[name][s], rtol=1e-5, atol=1e-5, msg=f"X̂ of {name}")
             torch.testing.assert_close(X_tilde, dense[name][s], rtol=1e-5, atol=1e-5, msg=f"X̃ of {name}")
 
+
+@pytest.mark.parametrize("method, two_stream", [("duogpt", True), ("sparsegpt", False)])
+def test_the_obs_methods_build_one_solver_per_group_from_the_run_settings(method, two_stream, monkeypatch):
+    """DuoGPT's solver keeps the two-stream statistics, SparseGPT's only H; both take the run's
+    alpha, percdamp, blocksize and act_order, one solver per input-sharing group."""
+    built = []
+    init = OBSSolver.__init__
+
+    def recording(self, columns, sparsity, **kwargs):
+        built.append((columns, kwargs))
+        init(self, columns, sparsity, **kwargs)
+
+    monkeypatch.setattr(OBSSolver, "__init__", recording)
+    ids = torch.randint(3, len(WORDS) + 3, (2, 16))
+    duogpt.prune(_tiny_model(), None, ids, method=method, alpha=0.25, percdamp=0.02, blocksize=32,
+                 act_order=False, device="cpu", progress=False)
+    assert [columns for columns, _ in built] == [64, 64, 64, 128] * 2  # [q,k,v], [o], [gate,up], [down]
+    for _, kwargs in built:
+        assert {k: kwargs[k] for k in ("two_stream", "alpha", "percdamp", "blocksize", "act_order")} == \
+            {"two_stream": two_stream, "alpha": 0.25, "percdamp": 0.02, "blocksize": 32, "act_order": False}
 
 @pytest.mark.parametrize("seqlen, refused", [(17, True), (16, False)])
 def test_mixed_attention_is_refused_when_the_windows_exceed_the_sliding_window(seqlen, refused):
