@@ -458,6 +458,12 @@ def test_a_failed_run_removes_the_folders_it_created_for_out(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_stopped_before_its_first_layer_finished_leaves_nothing_to_resume(tiny, tmp_path, monkeypatch):
+    _interrupt_at_layer(0, monkeypatch)
+    assert _prune_cli(tiny, tmp_path / "new" / "run" / "x") == 130
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_interrupted_run_keeps_the_folders_that_hold_its_layers(tiny, tmp_path, monkeypatch):
     _interrupt_at_layer(1, monkeypatch)
     assert _prune_cli(tiny, tmp_path / "new" / "pruned") == 130
