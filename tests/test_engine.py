@@ -415,6 +415,29 @@ def test_sampled_sequences_start_at_bos_else_eos_else_a_random_token(tiny):
     assert first_tokens(None, None).unique().numel() > 1
 
 
+def test_random_first_tokens_are_drawn_from_the_whole_vocabulary(tiny):
+    model = tiny[0]  # 304 tokens, hidden size 64
+    no_bos_nor_eos = types.SimpleNamespace(bos_token_id=None, eos_token_id=None)
+    first = sample_from_model(model, no_bos_nor_eos, 300, 1, torch.Generator().manual_seed(0))[:, 0]
+    assert first.min() >= 0 and first.max() < 304 and (first >= 152).any() and (first < 152).any()
+
+
+def test_each_sampled_token_is_drawn_from_the_model_given_the_whole_prefix(tiny):
+    """The KV-cached sampling draws what sampling the full prefix at each step draws, with the
+    same CPU generator: softmax of the last position's logits at temperature 1."""
+    model, tokenizer = tiny[0], types.SimpleNamespace(bos_token_id=None, eos_token_id=0)
+    samples = sample_from_model(model, tokenizer, 3, 6, torch.Generator().manual_seed(1), batch=2)
+    generator = torch.Generator().manual_seed(1)
+    for b0 in (0, 2):
+        want = torch.zeros(min(2, 3 - b0), 1, dtype=torch.int64)
+        with torch.no_grad():
+            for _ in range(5):
+                probs = torch.softmax(model(want, use_cache=False).logits[:, -1].float(), dim=-1)
+                want = torch.cat([want, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        assert torch.equal(samples[b0:b0 + 2], want)
+    assert samples[:, 1:].unique().numel() > 3
+
+
 def test_round_trip_generate_equals_masked_dense_greedy(untied):
     """prune -> pack -> load -> 32 greedy tokens == the masked dense model's, fp32 on CPU."""
     model, packed = untied

