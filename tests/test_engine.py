@@ -840,6 +840,41 @@ def test_cli_pack_and_generate(tiny, tmp_path, capsys):
     assert cli.main(["pack", str(dense), "--out", str(out)]) == 2  # exists: a clear error, no traceback
 
 
+def test_cli_pack_prints_the_projection_bytes_it_records(tiny, tmp_path, capsys):
+    _, _, dense, _ = tiny
+    out = tmp_path / "cli-packed"
+    assert cli.main(["pack", str(dense), "--out", str(out)]) == 0
+    stats = read_metadata(out)["packing"]
+    assert capsys.readouterr().out == (
+        f"packed {dense} -> {out}: projections {stats['projection_bytes_dense'] / 2**20:.1f} MiB dense -> "
+        f"{stats['projection_bytes_packed'] / 2**20:.1f} MiB\n")
+
+
+def test_generate_of_a_folder_that_is_no_checkpoint_says_so(tmp_path, capsys):
+    """Named as no checkpoint, not for the tokenizer files it lacks as well."""
+    assert cli.main(["generate", str(tmp_path), "--prompt", "the quick"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} has no duogpt.json: it is not a duogpt checkpoint" in err and "tokenizer" not in err
+
+
+@pytest.mark.parametrize("engine", ["sparse", "dense"])
+def test_cli_generate_runs_the_engine_asked_and_stops_at_the_models_eos(tiny, engine, capsys, monkeypatch):
+    """--engine dense unpacks the weights (to_dense_engine); the end-of-sequence token is the model's
+    generation_config's (2 here) rather than the tokenizer's (0)."""
+    from duogpt.engine import dense as dense_module
+
+    converted, eos = [], []
+    generate = Decoder.generate
+    monkeypatch.setattr(dense_module, "to_dense_engine",
+                        lambda model: converted.append(to_dense_engine(model)))
+    monkeypatch.setattr(Decoder, "generate", lambda self, prompt, n, eos_token_id=None: (
+        eos.append(eos_token_id) or generate(self, prompt, n, eos_token_id=eos_token_id)))
+    assert cli.main(["generate", str(tiny[3]), "--prompt", "the quick", "--max-new-tokens", "3",
+                     "--engine", engine]) == 0
+    assert len(converted) == (engine == "dense") and eos == [2] != [tiny[1].eos_token_id]
+    assert f"[{engine} engine on cpu: " in capsys.readouterr().out
+
+
 def test_generate_without_tokenizer_files_says_so_before_the_model_loads(tiny, tmp_path, capsys,
                                                                           monkeypatch):
     _, _, _, packed = tiny
@@ -902,6 +937,71 @@ def test_bad_flags_are_refused_before_anything_loads(argv, message, capsys):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: command"),
+    (["bench"], "the following arguments are required: kind"),
+    (["prune"], "the following arguments are required: --out"),
+    (["pack", "nowhere"], "the following arguments are required: --out"),
+    (["generate", "nowhere"], "the following arguments are required: --prompt"),
+], ids=["command", "bench-kind", "prune-out", "pack-out", "generate-prompt"])
+def test_a_missing_command_or_required_flag_is_a_usage_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag, smallest", [
+    (["prune", "--out", "x"], "--nsamples", 1),
+    (["prune", "--out", "x"], "--seqlen", 1),
+    (["prune", "--out", "x"], "--blocksize", 1),
+    (["prune", "--out", "x"], "--ppl-windows", 1),
+    (["prune", "--out", "x"], "--ppl-seqlen", 2),
+    (["generate", "nowhere", "--prompt", "a"], "--max-new-tokens", 1),
+    (["eval", "nowhere"], "--seqlen", 2),
+    (["eval", "nowhere"], "--max-windows", 1),
+    (["eval", "nowhere"], "--batch-size", 1),
+    (["eval", "nowhere"], "--limit", 1),
+    (["eval", "nowhere"], "--seed", 0),
+    (["bench", "decode", "nowhere"], "--prompt-len", 1),
+    (["bench", "decode", "nowhere"], "--new-tokens", 2),
+    (["bench", "decode", "nowhere"], "--threads", 1),
+    (["bench", "decode", "nowhere"], "--batch-sizes", 1),
+], ids=lambda v: v[0] if isinstance(v, list) else str(v))
+def test_count_flags_take_their_smallest_value_and_refuse_one_less(argv, flag, smallest, capsys):
+    """The parser checks the counts, before any model loads."""
+    parser = cli.build_parser()
+    args = parser.parse_args([*argv, flag, str(smallest)])
+    value = getattr(args, flag[2:].replace("-", "_"))
+    assert value == ((smallest,) if flag == "--batch-sizes" else smallest)
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, flag, str(smallest - 1)])
+    assert f"must be at least {smallest}, got {smallest - 1}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, defaults", [
+    (["prune", "--out", "x"], {
+        "model": "smollm2-135m", "method": "duogpt", "weight_sparsity": 0.5, "nm": None,
+        "activation_sparsity": 0.5, "activation_rule": "topk", "alpha": 0.125, "percdamp": 0.01,
+        "blocksize": 128, "calib": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0,
+        "act_order": None, "true_sequential": None, "device": None,  # None: decided by the method
+        "dtype": "float32", "ppl": None, "ppl_windows": 8, "ppl_seqlen": 512, "resume": False,
+        "quiet": False}),
+    (["generate", "nowhere", "--prompt", "a"], {
+        "max_new_tokens": 64, "engine": "sparse", "device": "cpu", "dtype": None, "compile": False}),
+    (["eval", "nowhere"], {
+        "ppl": "wikitext2", "seqlen": 2048, "max_windows": None, "activation_sparsity": None, "tasks": "",
+        "reference": None, "device": "cpu", "dtype": None, "batch_size": 1, "limit": None,
+        "include_path": None, "seed": 0, "json": None}),
+    (["bench", "decode", "nowhere"], {
+        "batch_sizes": (1, 2, 4, 8), "prompt_len": 32, "new_tokens": 64, "device": "cpu", "dtype": None,
+        "threads": None, "compile": None, "json": None}),
+], ids=["prune", "generate", "eval", "bench"])
+def test_flags_default_to_the_documented_values(argv, defaults):
+    """As each command's --help, docs/pruning.md and docs/engine.md state."""
+    args = vars(cli.build_parser().parse_args(argv))
+    assert {k: args[k] for k in defaults} == defaults
+
+
 def test_generating_past_the_models_context_is_warned_about(tiny, caplog):
     model = duogpt.load(tiny[3])  # max_position_embeddings 256
     with caplog.at_level("WARNING", logger="duogpt"):
@@ -923,6 +1023,24 @@ def test_bench_decode_report(tiny, capsys):
     assert "| sparse | 2 |" in printed and "| dense-duogpt | 1 |" in printed
 
 
+def test_bench_decode_runs_on_the_threads_asked_and_writes_the_json_report(tiny, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    out = tmp_path / "decode.json"
+    try:
+        assert cli.main(["bench", "decode", str(tiny[3]), "--batch-sizes", "1", "--new-tokens", "2",
+                         "--prompt-len", "2", "--threads", str(threads + 1), "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith(f"decode benchmark: {tiny[3]} on cpu (") and "CPU kernels), float32, " in header
+    assert f", {threads + 1} threads, compile=False, prompt 2, 2 new tokens" in header
+    report = json.loads(out.read_text())
+    assert report["settings"]["threads"] == threads + 1 and report["settings"]["new_tokens"] == 2
+    assert [(r["engine"], r["batch"]) for r in report["runs"]] == [
+        ("sparse", 1), ("dense-torch", 1), ("dense-duogpt", 1)]
+    assert report["versions"]["version"] == duogpt.__version__
+
+
 def test_bench_decode_fields(tiny):
     from duogpt.engine.bench import bench_decode
 
@@ -932,6 +1050,88 @@ def test_bench_decode_fields(tiny):
     assert run["tokens_per_s"] > 0 and run["weight_bytes"] > 0 and run["peak_gpu_bytes"] is None
     assert report["best_dense"] == {1: "dense-torch"} and report["speedup"][1] > 0
     assert report["settings"]["compile"] is False and report["settings"]["dtype"] == "float32"
+
+
+def test_bench_decode_defaults_and_the_best_dense_engine_per_batch(tiny, monkeypatch):
+    """Batches 1, 2, 4, 8, a 32-token prompt and 64 new tokens by default; the speed-up of each
+    batch is over the faster of the dense kernels."""
+    from duogpt.engine import bench
+
+    speeds = {"sparse": [40.0, 70.0, 90.0, 100.0], "dense-torch": [10.0, 20.0, 50.0, 80.0],
+              "dense-duogpt": [20.0, 10.0, 60.0, 40.0]}
+    measured = []
+
+    def measure(model, engine, batch, prompt_len, new_tokens, compile):
+        measured.append((engine, batch, prompt_len, new_tokens))
+        return bench.DecodeRun(engine, batch, speeds[engine][(1, 2, 4, 8).index(batch)], 1.0, 1, None)
+    monkeypatch.setattr(bench, "_measure", measure)
+    report = bench.bench_decode(str(tiny[3]))
+    assert measured == [(engine, b, 32, 64) for engine in speeds for b in (1, 2, 4, 8)]
+    assert report["best_dense"] == {1: "dense-duogpt", 2: "dense-torch", 4: "dense-duogpt", 8: "dense-torch"}
+    assert report["speedup"] == {1: 2.0, 2: 3.5, 4: 1.5, 8: 1.25}
+
+
+def test_bench_decode_takes_up_to_8_sequences_and_times_each_step(tiny):
+    from duogpt.engine.bench import bench_decode
+
+    report = bench_decode(str(tiny[3]), batches=(1, 8), new_tokens=3, prompt_len=2, dense_kernels=("torch",))
+    assert [(r["engine"], r["batch"]) for r in report["runs"]] == [
+        ("sparse", 1), ("sparse", 8), ("dense-torch", 1), ("dense-torch", 8)]
+    for r in report["runs"]:  # ms per decode step and tokens per second describe the same steps
+        assert r["ms_per_step"] * r["tokens_per_s"] == pytest.approx(1e3 * r["batch"])
+    sparse, dense = report["runs"][0], report["runs"][2]
+    assert dense["weight_bytes"] > 1.2 * sparse["weight_bytes"]  # the dense engine holds unpacked weights
+
+
+def test_bench_markdown_table():
+    from duogpt.engine.bench import markdown
+
+    report = {"speedup": {1: 2.0}, "runs": [
+        {"engine": "sparse", "batch": 1, "tokens_per_s": 120.0, "ms_per_step": 8.333,
+         "weight_bytes": 3 * 2**20, "peak_gpu_bytes": None},
+        {"engine": "dense-torch", "batch": 1, "tokens_per_s": 60.0, "ms_per_step": 16.667,
+         "weight_bytes": 6 * 2**20, "peak_gpu_bytes": 512 * 2**20}]}
+    assert markdown(report).splitlines() == [
+        "| engine | batch | tokens/s | ms/step | weights MiB | peak GPU MiB | speed-up vs best dense |",
+        "|---|---|---|---|---|---|---|",
+        "| sparse | 1 | 120.0 | 8.33 | 3.0 | - | 2.00x |",
+        "| dense-torch | 1 | 60.0 | 16.67 | 6.0 | 512 |  |"]
+
+
+def test_random_models_have_the_published_parameter_counts():
+    from duogpt.engine.bench import RANDOM_SHAPES
+
+    counts = {}
+    for name, shape in RANDOM_SHAPES.items():
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**shape))
+        counts[name] = sum(p.numel() for p in model.parameters())
+    assert counts == {"llama2-7b": 6_738_415_616, "smollm2-135m": 134_515_008}
+
+
+def test_random_models_are_half_pruned_at_random_with_top_k_half_activations(monkeypatch):
+    from duogpt.engine import bench
+
+    monkeypatch.setitem(bench.RANDOM_SHAPES, "tiny", {
+        "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 304})
+    model = bench.random_pruned("tiny", device="cpu", dtype=torch.float32)
+    projections = sparse_projections(model)
+    assert len(projections) == 14 and type(model.lm_head) is DenseGemvLinear  # the engine's head
+    for module in projections.values():
+        assert module.topk_fraction == 0.5
+        density = module.weight.numel() / (module.in_features * module.out_features)
+        assert density == pytest.approx(0.5, abs=0.05)
+    again = sparse_projections(bench.random_pruned("tiny", device="cpu", dtype=torch.float32))
+    other = sparse_projections(bench.random_pruned("tiny", device="cpu", dtype=torch.float32, seed=1))
+    name = "model.layers.0.mlp.up_proj"
+    assert torch.equal(again[name].dense_weight(), projections[name].dense_weight())
+    assert not torch.equal(other[name].dense_weight(), projections[name].dense_weight())
+    report = bench.bench_decode("random:tiny", batches=(1,), new_tokens=2, prompt_len=2,
+                                dense_kernels=("torch",))
+    assert report["settings"]["dtype"] == "bfloat16"  # random: on CPU
+    with pytest.raises(ValueError, match=r"unknown random model 'nope'; choose one of \['llama2-7b'"):
+        bench.bench_decode("random:nope")
 
 
 @pytest.mark.parametrize("kernel", ["torch", "duogpt"])
@@ -946,6 +1146,14 @@ def test_dense_engine_runs_values_stored_in_another_dtype(tiny, tmp_path, kernel
     ids = torch.randint(0, 300, (1, tokens))
     with torch.no_grad():
         torch.testing.assert_close(engine(ids).logits, sparse(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_load_gives_the_dtype_asked_else_the_stored_one(tiny, tmp_path):
+    _, _, dense, _ = tiny  # stored in float32
+    packed = pack_checkpoint(dense, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert duogpt.load(packed).model.embed_tokens.weight.dtype == torch.bfloat16
+    assert duogpt.load(packed, dtype=torch.float32).model.embed_tokens.weight.dtype == torch.float32
+    assert duogpt.load(dense, dtype=torch.bfloat16).model.embed_tokens.weight.dtype == torch.bfloat16
 
 
 def test_bench_decode_stores_both_engines_in_the_asked_dtype(tiny):

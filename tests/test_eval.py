@@ -149,6 +149,45 @@ def test_eval_json_fields(checkpoints, tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
 
 
+def test_eval_prints_its_settings_and_each_metric(checkpoints, tmp_path, capsys):
+    dense, packed, text = checkpoints
+    report = _eval(tmp_path, packed, "--ppl", text, "--seqlen", 16, "--max-windows", 1)
+    ppl = report["metrics"]["perplexity"]
+    lines = capsys.readouterr().out.splitlines()
+    assert f"{packed} (sparse engine, activation sparsity 0.5 topk, seqlen 16)" in lines
+    assert f"  perplexity {ppl['dataset']}: {ppl['value']:.3f} (1 window)" in lines
+    report = _eval(tmp_path, packed, "--ppl", "self", "--seqlen", 8, "--reference", dense)
+    m = report["metrics"]["fidelity"]
+    lines = capsys.readouterr().out.splitlines()
+    assert (f"  self: perplexity {m['ppl']:.3f}, top-1 agreement {m['top1_agreement']:.4f}, mean KL "
+            f"{m['mean_kl']:.4f} nats vs {dense} ({m['tokens']} tokens)") in lines
+
+
+def test_eval_prints_the_numeric_metrics_of_each_task(monkeypatch, capsys):
+    report = {"settings": {"engine": "sparse", "activation_sparsity": {"fraction": 0.5, "rule": "topk"}},
+              "metrics": {"tasks": {"piqa": {"alias": "piqa", "acc,none": 0.625, "acc_stderr,none": 0.03125},
+                                    "boolq": {"acc,none": 0.5}}}}
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda model, **kwargs: report)
+    assert cli.main(["eval", "packed", "--ppl", "none", "--tasks", "piqa,boolq"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "packed (sparse engine, activation sparsity 0.5 topk, seqlen 2048)",
+        "  piqa: acc,none 0.6250, acc_stderr,none 0.0312", "  boolq: acc,none 0.5000"]
+
+
+def test_zeroshot_names_the_seven_tasks_and_empty_names_are_dropped(monkeypatch):
+    """`--tasks zeroshot` is piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, boolq."""
+    asked = []
+
+    def record(model, **kwargs):
+        asked.append((kwargs["ppl"], kwargs["tasks"]))
+        raise ValueError("recorded")
+    monkeypatch.setattr(evaluate_module, "evaluate", record)
+    assert cli.main(["eval", "nowhere", "--ppl", "none", "--tasks", "zeroshot"]) == 2
+    assert cli.main(["eval", "nowhere", "--tasks", "piqa,,boolq,"]) == 2
+    assert asked == [(None, ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa",
+                             "boolq")), ("wikitext2", ("piqa", "boolq"))]
+
+
 @pytest.mark.parametrize("command", [["eval"], ["bench", "decode"]])
 def test_a_bad_json_path_fails_before_the_run(command, tmp_path, capsys):
     model = tmp_path / "no-such-model"  # loading it would fail too, with another message

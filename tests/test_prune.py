@@ -6,15 +6,18 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
 import sys
+import tempfile
 import types
 import warnings
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -25,6 +28,7 @@ from transformers import (
 )
 
 import duogpt
+from duogpt import cli
 from duogpt.calibration import calibration_ids
 from duogpt.calibration.data import _c4_windows
 from duogpt.checkpoint import (
@@ -345,6 +349,51 @@ def test_missing_wikitext2_names_what_prune_accepts_instead(tiny, tmp_path, caps
     assert "--ppl FILE or --ppl none" in err and "self" not in err
 
 
+def test_without_ppl_the_local_wikitext2_is_scored(tiny, tmp_path, monkeypatch):
+    raw = tmp_path / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    raw.parent.mkdir(parents=True)
+    raw.write_text(tiny[1].read_text())
+    monkeypatch.setenv("DUOGPT_DATA", str(tmp_path / "data"))
+    model_dir, _ = tiny
+    assert main(["prune", "--model", str(model_dir), "--out", str(tmp_path / "pruned"),
+                 "--method", "magnitude", "--device", "cpu", "--ppl-windows", "2", "--ppl-seqlen", "32",
+                 "-q"]) == 0
+    ppl = read_metadata(tmp_path / "pruned")["perplexity"]
+    assert (ppl["dataset"], ppl["windows"], ppl["seqlen"]) == ("wikitext2", 2, 32)
+
+
+def test_quiet_silences_the_log_lines_and_the_progress_bars(tmp_path, monkeypatch, caplog):
+    """Without -q, prune logs at INFO (saying so when it skips the perplexity for want of a local
+    WikiText-2); with -q only warnings, and transformers' progress bars are off."""
+    monkeypatch.setenv("DUOGPT_DATA", str(tmp_path))  # no wikitext-2-raw in it
+    levels, bars_off = [], []
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: levels.append(kwargs["level"]))
+    monkeypatch.setattr(transformers.utils.logging, "disable_progress_bar", lambda: bars_off.append(True))
+    argv = ["prune", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "x"),
+            "--method", "magnitude"]
+    with caplog.at_level(logging.INFO, logger="duogpt.prune"):
+        assert main(argv) == 2  # the model does not exist
+    assert levels == [logging.INFO] and bars_off == []
+    assert "no perplexity: WikiText-2 test text not found" in caplog.text
+    assert main([*argv, "-q"]) == 2
+    assert levels == [logging.INFO, logging.WARNING] and bars_off == [True]
+
+
+def test_a_run_shows_its_progress_bars_unless_quiet(tiny, tmp_path, capsys):
+    model_dir, _ = tiny
+    for flags, shown in (([], True), (["-q"], False)):
+        assert main(["prune", "--model", str(model_dir), "--out", str(tmp_path / f"pruned{len(flags)}"),
+                     "--method", "magnitude", "--device", "cpu", "--ppl", "none", *flags]) == 0
+        assert ("pruning: " in capsys.readouterr().err) is shown
+
+
+def test_an_nm_flag_that_is_not_two_integers_is_named(tmp_path, capsys):
+    for nm in ("2:x", "x:4", "2-4"):
+        assert main(["prune", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "x"),
+                     "--method", "magnitude", "--nm", nm, "-q"]) == 2
+        assert f"--nm takes N:M such as 2:4, got {nm!r}" in capsys.readouterr().err
+
+
 def test_half_precision_model_keeps_its_dtype_and_exact_zeros():
     model, ids = _tiny_model().to(torch.bfloat16), torch.randint(3, len(WORDS) + 3, (8, 32))
     duogpt.prune(model, None, ids, device="cpu", progress=False)
@@ -628,6 +677,16 @@ def test_an_unwritable_out_fails_before_the_model_loads(tmp_path, capsys):
     assert "cannot write in" in capsys.readouterr().err
 
 
+def test_a_folder_it_may_not_write_in_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    def denied(*args, **kwargs):  # as in a read-only folder, which root (CI) may write in anyway
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "TemporaryFile", denied)
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tmp_path / "no-model"), "--out", str(out), "--method", "magnitude",
+                 "--ppl", "none", "-q"]) == 2
+    assert f"--out {out}: cannot write in {tmp_path} (Permission denied)" in capsys.readouterr().err
+
+
 def test_an_empty_partial_folder_left_by_a_failed_start_is_reused(tiny, tmp_path):
     (tmp_path / ".pruned.partial").mkdir()
     assert _prune_cli(tiny, tmp_path / "pruned", "--method", "magnitude") == 0
@@ -754,6 +813,20 @@ def test_prune_takes_a_cuda_device_index(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     args = build_parser().parse_args(["prune", "--out", "x", "--device", "cuda:1"])
     assert args.device == "cuda:1"
+
+
+@pytest.mark.parametrize("command, argv, message", [
+    ("prune", ["prune", "--out", "{tmp}/pruned"],
+     "duogpt prune: interrupted; rerun it with --resume to continue from the last finished layer\n"),
+    ("env", ["env"], "duogpt env: interrupted\n"),
+])
+def test_ctrl_c_exits_130_and_only_prune_says_how_to_resume(command, argv, message, tmp_path, capsys,
+                                                            monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(cli.COMMANDS, command, (cli.COMMANDS[command][0], interrupted))
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 130
+    assert capsys.readouterr().err == message
 
 
 def test_an_alpha_above_full_correction_warns():
