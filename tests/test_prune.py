@@ -279,6 +279,22 @@ def _wanda_transcription(model: LlamaForCausalLM, ids: torch.Tensor,
                 m.weight.data.copy_(pruners[name].prune(m.weight).weight)
 
 
+def test_each_layer_logs_its_weight_sparsity_and_the_run_times_its_stages(caplog):
+    """The stage timings are disjoint parts of the run's total."""
+    ids = torch.randint(3, len(WORDS) + 3, (8, 32))
+    with caplog.at_level("INFO", logger="duogpt"):
+        report = duogpt.prune(_tiny_model(), None, ids, device="cpu", progress=False)
+    assert "layer 1/2: weight sparsity 0.5000, " in caplog.text
+    assert "layer 2/2: weight sparsity 0.5000, " in caplog.text
+    parts = {k: v for k, v in report.timings.items() if k != "total_s"}
+    assert set(parts) == {"calibration_data_s", "capture_s", "streams_s", "solve_s"}
+    assert min(parts.values()) >= 0 and sum(parts.values()) <= report.timings["total_s"] + 0.005  # rounding
+
+
+def test_duogpt_takes_more_calibration_windows_than_tokens_per_window():
+    model, ids = _tiny_model(), torch.randint(3, len(WORDS) + 3, (12, 8))
+    assert duogpt.prune(model, None, ids, device="cpu", progress=False).weight_sparsity == 0.5
+
 @pytest.mark.parametrize("true_sequential", [None, True], ids=["default", "true-sequential"])
 def test_wanda_gathers_a_layers_inputs_in_one_pass_unless_true_sequential(true_sequential):
     """Like the originals (SparseGPT's and Wanda's default flow), a baseline calibrates all seven
@@ -584,6 +600,11 @@ def test_a_damaged_progress_file_is_named(tmp_path, progress, problem):
     with pytest.raises(ValueError, match=problem):
         LayerStore(tmp_path, {"config": {}})
 
+
+def test_the_layer_store_creates_its_folder_and_the_missing_ones_above_it(tmp_path):
+    store = LayerStore(tmp_path / "new" / "work", {"config": {}})
+    store.save(0, {"w": torch.ones(2, 2)}, {}, {})
+    assert 0 in LayerStore(tmp_path / "new" / "work", {"config": {}})
 
 def test_a_truncated_layer_file_is_named_on_resume(tmp_path):
     store = LayerStore(tmp_path, {"config": {}})
@@ -1066,6 +1087,16 @@ def test_the_obs_methods_build_one_solver_per_group_from_the_run_settings(method
     for _, kwargs in built:
         assert {k: kwargs[k] for k in ("two_stream", "alpha", "percdamp", "blocksize", "act_order")} == \
             {"two_stream": two_stream, "alpha": 0.25, "percdamp": 0.02, "blocksize": 32, "act_order": False}
+
+def test_a_module_lives_where_its_first_parameter_else_its_first_buffer_is():
+    """The pipeline moves each layer, the embedding and the rotary module (buffers only) back there."""
+    from duogpt.calibration.capture import device_of
+
+    buffers_only = torch.nn.Module()
+    buffers_only.register_buffer("inv_freq", torch.ones(2, device="meta"))
+    assert device_of(torch.nn.Linear(2, 2, device="meta")) == torch.device("meta")
+    assert device_of(buffers_only) == torch.device("meta")
+    assert device_of(torch.nn.Module()) == torch.device("cpu")
 
 @pytest.mark.parametrize("seqlen, refused", [(17, True), (16, False)])
 def test_mixed_attention_is_refused_when_the_windows_exceed_the_sliding_window(seqlen, refused):
