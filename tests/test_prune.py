@@ -291,6 +291,18 @@ def test_each_layer_logs_its_weight_sparsity_and_the_run_times_its_stages(caplog
     assert min(parts.values()) >= 0 and sum(parts.values()) <= report.timings["total_s"] + 0.005  # rounding
 
 
+@pytest.mark.parametrize("method", ["duogpt", "wanda"])
+def test_each_module_reports_its_sparsity_and_the_obs_methods_their_damping(method):
+    """`damping`: the percdamp the solver used, raised when H + damping was not positive definite."""
+    ids = torch.randint(3, len(WORDS) + 3, (4, 16))
+    report = duogpt.prune(_tiny_model(), None, ids, method=method, weight_sparsity=0.75, device="cpu",
+                          progress=False)
+    assert len(report.layers) == 14 and report.weight_sparsity == 0.75
+    for name, r in report.layers.items():
+        assert r["sparsity"] == 0.75, name
+        assert ("damping" in r) is (method == "duogpt"), name
+        assert r.get("damping", 0.01) >= 0.01, name
+
 def test_duogpt_takes_more_calibration_windows_than_tokens_per_window():
     model, ids = _tiny_model(), torch.randint(3, len(WORDS) + 3, (12, 8))
     assert duogpt.prune(model, None, ids, device="cpu", progress=False).weight_sparsity == 0.5
