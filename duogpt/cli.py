@@ -141,11 +141,6 @@ def _prune_ppl_source(args) -> str | None:
     return dataset
 
 
-def _remove_if_empty(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # gone, or holds finished layers to resume from
-        folder.rmdir()
-
-
 def _run_prune(args) -> int:
     import logging
     import shutil
@@ -194,9 +189,6 @@ def _run_prune(args) -> int:
         except OSError as err:
             raise ValueError(f"--out {out}: cannot write in {out.parent} ({err.strerror}); choose "
                              f"another --out") from None
-        # Run before created_parents' cleanup: a run stopped before its first layer finished left
-        # an empty work folder, which would keep the parents it created.
-        cleanup.callback(_remove_if_empty, work)
         cleanup.enter_context(logging_redirect_tqdm())
         model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
         text = None if ppl_source is None else PerplexityText.load(ppl_source, tokenizer,

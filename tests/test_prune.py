@@ -66,11 +66,11 @@ def _tiny_tokenizer() -> PreTrainedTokenizerFast:
                                    eos_token="</s>")
 
 
-def _tiny_model() -> LlamaForCausalLM:
-    """2 layers, hidden 64, intermediate 128, GQA (4 query heads, 2 key/value heads)."""
+def _tiny_model(layers: int = 2) -> LlamaForCausalLM:
+    """`layers` layers, hidden 64, intermediate 128, GQA (4 query heads, 2 key/value heads)."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
     return LlamaForCausalLM(config).eval()
 
@@ -563,15 +563,8 @@ def test_a_resumed_threshold_run_matches_an_uninterrupted_one(monkeypatch, tmp_p
     reference = _tiny_model()
     want = duogpt.prune(reference, None, ids, config, progress=False)
 
-    original = Pipeline._prune_groups
-
-    def fail_on_second_layer(self, layer, prefix, *args):
-        if prefix == "model.layers.1.":
-            raise KeyboardInterrupt
-        return original(self, layer, prefix, *args)
-
     with monkeypatch.context() as patch:
-        patch.setattr(Pipeline, "_prune_groups", fail_on_second_layer)
+        _interrupt_at_layer(1, patch)
         with pytest.raises(KeyboardInterrupt):
             duogpt.prune(_tiny_model(), None, ids, config, work_dir=tmp_path / "work", progress=False)
     resumed = _tiny_model()
@@ -988,10 +981,7 @@ def test_a_projection_that_is_not_an_nn_linear_is_named():
 
 
 def test_a_one_layer_model_has_its_layer_map():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(config).eval()
+    model = _tiny_model(layers=1)
     assert list(layer_map(model).named_projections()) == [f"model.layers.0.{name}" for group in GROUPS
                                                           for name in group]
 

@@ -51,14 +51,14 @@ class LayerStore:
     """Per-layer results of one run.
 
     Args:
-        folder: created if missing.
+        folder: created, with the missing folders above it, when the first layer is saved: a run
+            stopped before that leaves nothing behind.
         settings: JSON-able description of the run (config, calibration data, model); a folder
             left by a run with other settings is refused.
     """
 
     def __init__(self, folder: str | os.PathLike, settings: dict):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.settings = json.loads(json.dumps(settings))  # normalised as it will be read back
         progress = self.folder / PROGRESS_FILE
         self.layers: dict[str, dict] = {}
@@ -107,6 +107,7 @@ class LayerStore:
         """Record layer `index` as finished."""
         tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         tensors.update({_THRESHOLD + k: v.cpu().contiguous() for k, v in thresholds.items()})
+        self.folder.mkdir(parents=True, exist_ok=True)
         replace_atomically(self.folder / f"layer-{index:05d}.safetensors",
                            lambda p: save_file(tensors, str(p)))
         self.layers[str(index)] = reports
