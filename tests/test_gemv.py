@@ -205,6 +205,14 @@ def test_topk_rule_drops_floor_of_in_times_fraction_per_token():
     assert (keep.sum(1) == 37 - math.floor(37 * 0.3)).all()
 
 
+def test_a_topk_fraction_below_one_over_in_drops_nothing(isa):
+    # floor(64 * 0.015) = 0: every activation is kept, so y is that of no rule, bit for bit.
+    bw = BitmapWeight.from_dense(sparse_weight(257, 64, 0.5, torch.float32))
+    x = torch.randn(3, 64)
+    assert reference.activation_keep_mask(x, topk_fraction=0.015).all()
+    assert torch.equal(ops.spmspv(x, bw, topk_fraction=0.015), ops.spmspv(x, bw))
+
+
 def test_non_finite_activations_propagate_through_non_zero_weights(isa):
     w = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
     x = torch.tensor([[float("inf"), 1.0], [float("nan"), 1.0]])

@@ -180,7 +180,8 @@ void apply_rule(float* xs, int64_t b, int64_t k, const ActivationRule& rule, uin
       }
     }
   } else if (rule.topk_fraction >= 0.0) {
-    const int64_t drop = std::min<int64_t>(k - 1, static_cast<int64_t>(double(k) * rule.topk_fraction));
+    const int64_t drop = topk_drop(k, rule.topk_fraction);
+    if (drop == 0) return;
     auto select = [&](int64_t t, uint32_t* keys) {
       float* xt = xs + t * k;
       const uint32_t tau = select_magnitude(xt, k, drop, keys);

@@ -3,7 +3,6 @@
 // main kernel 3 value dtypes x BP in {1, 2, 4, 8} (b rounded up; padded tokens have zero
 // activations and are never stored) = 12; reduce kernel 3; top-k kernel 1.
 #include <atomic>
-#include <cmath>
 
 #include "duogpt/bitmap.h"
 #include "launch.h"
@@ -61,10 +60,9 @@ LaunchStatus launch_spmspv(const void* x, Dtype x_dt, int64_t b, int64_t k,
                            void* workspace, const SpmspvPlan& plan, cudaStream_t stream) noexcept {
   auto* ws = static_cast<char*>(workspace);
   float* tau = nullptr;
-  if (rule.threshold == nullptr && rule.topk_fraction >= 0.0) {
+  const int64_t drop = rule.topk_fraction >= 0.0 ? topk_drop(k, rule.topk_fraction) : 0;
+  if (rule.threshold == nullptr && drop > 0) {
     tau = reinterpret_cast<float*>(ws);
-    int64_t drop = static_cast<int64_t>(std::floor(double(k) * rule.topk_fraction));
-    drop = drop < 0 ? 0 : (drop > k - 1 ? k - 1 : drop);
     topk_threshold_kernel<<<static_cast<unsigned>(b), kSelectThreads, 0, stream>>>(x, x_dt, k,
                                                                                    drop, tau);
     DUOGPT_CUDA_TRY(cudaGetLastError());

@@ -20,6 +20,13 @@ struct ActivationRule {
   double topk_fraction = -1.0;       // in [0, 1): per token, zero the floor(k * p_a) smallest |x|
 };
 
+/// @brief The activations per token that the top-k rule drops: floor(k * p_a), at most k - 1 (the
+/// product may round up to k for p_a just below 1). 0 keeps every activation: no selection runs.
+inline int64_t topk_drop(int64_t k, double topk_fraction) {
+  const auto drop = static_cast<int64_t>(double(k) * topk_fraction);
+  return drop < k - 1 ? drop : k - 1;
+}
+
 /// @brief Throw ArgumentError unless at most one rule is given and a top-k fraction is below 1
 /// (the CPU and CUDA spMspV).
 void check_activation_rule(const ActivationRule& rule);
