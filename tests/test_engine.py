@@ -875,6 +875,17 @@ def test_cli_generate_runs_the_engine_asked_and_stops_at_the_models_eos(tiny, en
     assert f"[{engine} engine on cpu: " in capsys.readouterr().out
 
 
+def test_cli_generate_prints_the_prompt_and_its_continuation_without_special_tokens(tiny, capsys,
+                                                                                     monkeypatch):
+    """The end-of-sequence token that stopped the decode is not printed as text."""
+    tokenizer = tiny[1]
+    new = tokenizer(" fox jumps", return_tensors="pt").input_ids[0].tolist() + [tokenizer.eos_token_id]
+    monkeypatch.setattr(Decoder, "generate", lambda self, prompt, n, eos_token_id=None: (
+        Generation(torch.tensor([new]), prefill_s=0.01, decode_s=0.02)))
+    assert cli.main(["generate", str(tiny[3]), "--prompt", "the quick", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "the quick fox jumps"
+
+
 def test_generate_without_tokenizer_files_says_so_before_the_model_loads(tiny, tmp_path, capsys,
                                                                           monkeypatch):
     _, _, _, packed = tiny
