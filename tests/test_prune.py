@@ -4,6 +4,7 @@ real SmolLM2-135M, where DuoGPT must beat SparseGPT and Wanda under 50 % activat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -891,6 +892,13 @@ def test_activation_sparsity_is_a_fraction_below_1(fraction):
         ActivationSparsity(fraction)
 
 
+def test_the_default_activation_sparsity_is_dense_and_immutable():
+    sparsity = ActivationSparsity()
+    assert not sparsity.active and sparsity.to_json() == {"fraction": 0.0, "rule": "topk"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sparsity.fraction = 0.5
+
+
 @pytest.mark.parametrize("fraction", [0.25, 0.5])
 def test_the_topk_rule_works_per_token_over_the_last_dimension_of_a_3d_input(fraction):
     # Calibration reaches the rule with [batch, seq, in] inputs: each token drops its own
@@ -1089,6 +1097,15 @@ def test_the_obs_methods_build_one_solver_per_group_from_the_run_settings(method
     for _, kwargs in built:
         assert {k: kwargs[k] for k in ("two_stream", "alpha", "percdamp", "blocksize", "act_order")} == \
             {"two_stream": two_stream, "alpha": 0.25, "percdamp": 0.02, "blocksize": 32, "act_order": False}
+
+
+def test_the_solver_defaults_are_the_run_defaults():
+    """A solver built directly prunes as `duogpt.prune` does by default (the paper's alpha)."""
+    config = PruneConfig()
+    solver = OBSSolver(8, config.weight, two_stream=True)
+    assert (solver.alpha, solver.percdamp, solver.blocksize, solver.act_order) == \
+        (config.alpha, config.percdamp, config.blocksize, True) == (0.125, 0.01, 128, True)
+
 
 def test_a_module_lives_where_its_first_parameter_else_its_first_buffer_is():
     """The pipeline moves each layer, the embedding and the rotary module (buffers only) back there."""

@@ -232,6 +232,16 @@ def test_failed_cholesky_escalates_dampening(caplog):
     assert torch.equal(result.weight, _solver_with_hessian(INDEFINITE_H, percdamp=10.0).prune(W).weight)
 
 
+def test_inverse_factor_refuses_a_factor_that_overflows_float32():
+    """`H` may pass its Cholesky and still have an inverse beyond float32 (a pivot below ~3e-39):
+    that is no usable factor either, so the solver gets None (and damps more), not an infinite U."""
+    H = torch.ones(4).diag()
+    H[3, 3] = 1e-40
+    assert torch.linalg.cholesky_ex(H).info.item() == 0
+    assert inverse_factor(H, percdamp=0.0) is None
+    assert inverse_factor(H, percdamp=0.01) is not None
+
+
 def test_inverse_factor_leaves_H_as_it_was():
     H = INDEFINITE_H + 3 * torch.eye(64)
     before = H.clone()
@@ -242,7 +252,8 @@ def test_inverse_factor_leaves_H_as_it_was():
 @pytest.mark.parametrize("H, percdamp", [
     (torch.block_diag(*[torch.tensor([[1.0, 30.0], [30.0, 1.0]])] * 32), 0.01),
     (INDEFINITE_H, 1.5),  # the next step, 15, would pass MAX_PERCDAMP = 10
-], ids=["hopeless", "past-the-cap"])
+    (INDEFINITE_H, 1.05),  # so would 10.5, just past it
+], ids=["hopeless", "past-the-cap", "just-past-the-cap"])
 def test_hessian_that_needs_more_than_the_maximum_dampening_names_the_fix(H, percdamp):
     with pytest.raises(ValueError, match="nsamples"):
         _solver_with_hessian(H, percdamp).prune(torch.randn(8, 64))
@@ -255,6 +266,38 @@ def test_non_finite_calibration_inputs_are_named_not_blamed_on_dampening(stream,
     {"X_hat": X_hat, "X_tilde": X_tilde}[stream][3, 10] = value
     with pytest.raises(ValueError, match="NaN or Inf.*float32"):
         _solve(torch.randn(8, 32), X_hat, X_tilde, blocksize=32)
+
+
+@pytest.mark.parametrize("act_order, blocksize", [(True, 128), (False, 130)],
+                         ids=["act-order", "blocks-split-groups"])
+def test_nm_solver_refuses_act_order_and_blocks_that_split_its_groups(act_order, blocksize):
+    with pytest.raises(ValueError, match="N:M pruning needs act_order off"):
+        OBSSolver(256, WeightSparsity.of((2, 4)), two_stream=True, act_order=act_order,
+                  blocksize=blocksize)
+
+
+@pytest.mark.parametrize("act_order", [True, False], ids=["act-order", "in-order"])
+@pytest.mark.parametrize("two_stream", [True, False], ids=["duogpt", "sparsegpt"])
+def test_half_precision_inputs_and_weights_are_solved_in_float32(two_stream, act_order):
+    """A bfloat16 model calibrates and prunes as its float32 cast would: the statistics accumulate
+    in float32 and the pruned weight comes back float32."""
+    X_hat, X_tilde = (x.bfloat16() for x in _streams(64, 200))
+    W = torch.randn(16, 64).bfloat16()
+    X_tilde = X_tilde if two_stream else None
+    half = _solve(W, X_hat, X_tilde, act_order=act_order).weight
+    full = _solve(W.float(), X_hat.float(), None if X_tilde is None else X_tilde.float(),
+                  act_order=act_order).weight
+    assert half.dtype == torch.float32
+    assert torch.equal(half, full)
+
+
+def test_factorising_consumes_the_statistics():
+    """A group holds its statistics or its factors, never both (the memory of `H` is freed)."""
+    X_hat, X_tilde = _streams(32, 100)
+    solver = OBSSolver(32, HALF, two_stream=True)
+    solver.add_batch(X_hat, X_tilde)
+    solver.prune(torch.randn(4, 32))
+    assert solver.H is None and solver.Delta is None and solver.a is None
 
 
 @pytest.mark.parametrize("sparsity", [HALF, WeightSparsity.of((2, 4))], ids=["unstructured", "2:4"])
@@ -338,7 +381,7 @@ def test_weight_sparsity_refuses_what_no_pruner_can_reach(args):
 def test_threshold_histogram_interpolates_inside_its_bins():
     histogram = ThresholdHistogram(bins=10)  # coarse: a quantile falls inside a bin
     histogram.add(torch.rand(200_000))
-    for fraction in (0.15, 0.35, 0.5, 0.85):
+    for fraction in (0.05, 0.15, 0.35, 0.5, 0.85):  # 0.05: inside the first bin
         threshold = histogram.threshold(fraction)
         assert isinstance(threshold, float) and threshold == pytest.approx(fraction, abs=0.01)
 
@@ -358,3 +401,59 @@ def test_threshold_histogram_finds_the_quantile():
         histogram.add(chunk)
     t = histogram.threshold(0.5)
     assert (x.abs() <= t).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_threshold_histogram_finds_the_quantile_at_any_scale(scale):
+    """The bins span the first batch's own range, whatever the activations' magnitude."""
+    x = torch.randn(200_000) * scale
+    histogram = ThresholdHistogram()
+    histogram.add(x)
+    t = histogram.threshold(0.5)
+    assert (x.abs() <= t).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_threshold_histogram_counts_half_precision_activations_as_their_float32_values():
+    x = torch.randn(64, 512).bfloat16()
+    half, full = ThresholdHistogram(), ThresholdHistogram()
+    half.add(x)
+    full.add(x.float())
+    assert half.threshold(0.5) == full.threshold(0.5)
+
+
+def test_threshold_histogram_takes_later_batches_inside_the_first_ones_range():
+    x = torch.rand(2, 100_000) * torch.tensor([[1.0], [0.5]])  # the second reaches no outlier bin
+    histogram = ThresholdHistogram()
+    for batch in x:
+        histogram.add(batch)
+    t = histogram.threshold(0.5)
+    assert (x.abs() <= t).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_threshold_histogram_starting_with_zeros_spans_zero_to_one():
+    """A first batch that is (almost) all zeros, as a dead input gives, has no range of its own:
+    the bins span [0, 1] instead (later activations past 1 would fall in the overflow bin)."""
+    x = torch.cat([torch.zeros(100_000), torch.rand(100_000)])
+    histogram = ThresholdHistogram()
+    for batch in x.chunk(2):
+        histogram.add(batch)
+    t = histogram.threshold(0.75)
+    assert (x <= t).float().mean().item() == pytest.approx(0.75, abs=1e-3)
+
+
+def test_threshold_histogram_counts_nan_and_inf_activations_as_the_largest():
+    x = torch.rand(100_000)
+    x[:3000], x[3000:5000] = math.nan, math.inf  # 5 % non-finite: past the first batch's q99
+    histogram = ThresholdHistogram()
+    histogram.add(x)
+    t = histogram.threshold(0.5)
+    assert math.isfinite(t) and (x.abs() <= t).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_threshold_histogram_keeps_every_outlier_when_the_quantile_lies_among_them():
+    """Past the first batch's 99th percentile the histogram cannot resolve: the threshold is that
+    percentile, not an extrapolation beyond it."""
+    x = torch.rand(100_000)
+    histogram = ThresholdHistogram()
+    histogram.add(x)
+    assert histogram.threshold(0.995) == x.kthvalue(99_000).values.item()
