@@ -3,9 +3,11 @@ masked dense model (dense pruned weights, activation rule applied by hooks) in f
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import shutil
+import sys
 import time
 import types
 from pathlib import Path
@@ -729,6 +731,19 @@ def test_registration_works_with_a_loader_that_takes_no_attributes():
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "Sealed", "Sealed"]
+
+
+def test_where_transformers_has_no_quantizer_registry_its_import_fails_as_without_duogpt(monkeypatch):
+    """The import hook finds nothing that the other finders do not find: the import raises
+    ModuleNotFoundError, as it would without duogpt, and the hook takes itself off sys.meta_path."""
+    from duogpt.engine import transformers_hook
+
+    monkeypatch.setattr(transformers_hook, "REGISTRY", "duogpt.no_such_registry")
+    hook = transformers_hook._AfterRegistry()
+    monkeypatch.setattr(sys, "meta_path", [hook, *sys.meta_path])
+    with pytest.raises(ModuleNotFoundError, match="duogpt.no_such_registry"):
+        importlib.import_module("duogpt.no_such_registry")
+    assert hook not in sys.meta_path
 
 
 def _tampered(packed, tmp_path, edit):

@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 import types
 import warnings
 
@@ -45,7 +46,7 @@ from duogpt.eval import perplexity
 from duogpt.models import layer_map, loading
 from duogpt.models.adapters import GROUPS
 from duogpt.models.loading import load_model, model_reference
-from duogpt.prune import PruneConfig
+from duogpt.prune import PruneConfig, PruneReport
 from duogpt.solver.obs import OBSSolver
 from duogpt.solver.resume import LayerStore
 from duogpt.solver.sequential import Pipeline
@@ -283,13 +284,16 @@ def _wanda_transcription(model: LlamaForCausalLM, ids: torch.Tensor,
 def test_each_layer_logs_its_weight_sparsity_and_the_run_times_its_stages(caplog):
     """The stage timings are disjoint parts of the run's total."""
     ids = torch.randint(3, len(WORDS) + 3, (8, 32))
+    start = time.perf_counter()
     with caplog.at_level("INFO", logger="duogpt"):
         report = duogpt.prune(_tiny_model(), None, ids, device="cpu", progress=False)
+    elapsed = time.perf_counter() - start
     assert "layer 1/2: weight sparsity 0.5000, " in caplog.text
     assert "layer 2/2: weight sparsity 0.5000, " in caplog.text
     parts = {k: v for k, v in report.timings.items() if k != "total_s"}
     assert set(parts) == {"calibration_data_s", "capture_s", "streams_s", "solve_s"}
     assert min(parts.values()) >= 0 and sum(parts.values()) <= report.timings["total_s"] + 0.005  # rounding
+    assert report.timings["total_s"] <= elapsed + 0.001  # the call's own time, measured inside it
 
 
 @pytest.mark.parametrize("method", ["duogpt", "wanda"])
@@ -303,6 +307,24 @@ def test_each_module_reports_its_sparsity_and_the_obs_methods_their_damping(meth
         assert r["sparsity"] == 0.75, name
         assert ("damping" in r) is (method == "duogpt"), name
         assert r.get("damping", 0.01) >= 0.01, name
+
+
+def test_the_achieved_weight_sparsity_weighs_each_module_by_its_number_of_weights():
+    layers = {"q": {"sparsity": 0.5, "shape": [2, 8], "seconds": 0.0},  # 16 weights
+              "k": {"sparsity": 1.0, "shape": [4, 4], "seconds": 0.0},  # 16 weights
+              "up": {"sparsity": 0.75, "shape": [8, 4], "seconds": 0.0}}  # 32 weights
+    report = PruneReport(PruneConfig(device="cpu"), ActivationSparsity(0.5), {}, layers, {}, [])
+    assert report.weight_sparsity == (0.5 * 16 + 1.0 * 16 + 0.75 * 32) / 64
+
+
+def test_a_config_and_a_report_are_frozen_records_of_the_run():
+    config = PruneConfig(device="cpu")
+    report = PruneReport(config, ActivationSparsity(0.5), {}, {}, {}, [])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.alpha = 0.25
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report.layers = {}
+
 
 def test_duogpt_takes_more_calibration_windows_than_tokens_per_window():
     model, ids = _tiny_model(), torch.randint(3, len(WORDS) + 3, (12, 8))
@@ -777,6 +799,16 @@ def test_magnitude_pruning_reads_no_calibration_source(tiny, tmp_path, monkeypat
     assert _prune_cli(tiny, tmp_path / "pruned", "--method", "magnitude", "--calib", "c4") == 0
 
 
+def test_magnitude_pruning_records_that_it_read_no_calibration_data():
+    report = duogpt.prune(_tiny_model(), None, "c4", method="magnitude", seed=3, progress=False)
+    assert report.calibration == {"source": None, "nsamples": 0, "seqlen": 0, "seed": 3, "tokens": 0}
+
+
+def test_prune_shows_its_progress_bars_on_stderr_by_default(capsys):
+    duogpt.prune(_tiny_model(), None, None, method="magnitude", device="cpu")
+    assert "pruning: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--calib", "missing.txt"], "--calib 'missing.txt' is neither a file, a folder"),
     (["--calib", "empty-folder"], "has no .txt files"),
@@ -806,6 +838,14 @@ def test_unsupported_architecture_names_what_is_missing():
         duogpt.prune(model, None, torch.zeros(1, 8, dtype=torch.int64), device="cpu", progress=False)
 
 
+def test_an_unsupported_architecture_fails_before_any_calibration_data_is_read(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="LLaMA decoder layout"):  # not: the text file is missing
+        duogpt.prune(model, None, tmp_path / "missing.txt", device="cpu", progress=False)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="act_order"):
         PruneConfig(weight_sparsity=(2, 4), act_order=True)
@@ -827,6 +867,35 @@ def test_bad_settings_are_refused():
                 PruneConfig(**{name: value})
     with pytest.raises(ValueError, match="'xyz' is not a device"):
         PruneConfig(device="xyz")
+    with pytest.raises(ValueError, match=r"activation sparsity must be in \[0, 1\)"):
+        PruneConfig(activation_sparsity=1.0)
+    with pytest.raises(ValueError, match="activation rule must be one of"):
+        PruneConfig(activation_rule="teal")
+    with pytest.raises(ValueError, match="activation rule 'threshold' needs --activation-sparsity > 0"):
+        PruneConfig(activation_rule="threshold", activation_sparsity=0.0)
+
+
+def test_settings_at_their_bounds_are_accepted():
+    """One window of one token, blocks of one column, the largest seed, alpha 0 (only the sparse
+    stream's Hessian) and activation sparsity 0 (the top-k rule off)."""
+    config = PruneConfig(nsamples=1, seqlen=1, blocksize=1, seed=2**64 - 1, alpha=0.0,
+                         activation_sparsity=0.0, device="cpu")
+    assert (config.nsamples, config.seqlen, config.blocksize, config.seed) == (1, 1, 1, 2**64 - 1)
+    assert config.alpha == 0.0 and config.activation_sparsity == 0.0
+
+
+def test_an_n_m_pattern_given_as_a_list_is_the_same_setting_as_the_pair():
+    config = PruneConfig(weight_sparsity=[2, 4], device="cpu")
+    assert config.weight_sparsity == (2, 4) and config == PruneConfig(weight_sparsity=(2, 4), device="cpu")
+
+
+def test_the_defaults_are_the_documented_ones():
+    """docs/pruning.md's knobs: DuoGPT at 50 % weights and top-k 50 % activations, alpha 0.125,
+    percdamp 0.01, blocks of 128 columns, 128 calibration windows of 2048 tokens, seed 0."""
+    assert dataclasses.asdict(PruneConfig(device="cpu")) == {
+        "method": "duogpt", "weight_sparsity": 0.5, "activation_sparsity": 0.5, "activation_rule": "topk",
+        "alpha": 0.125, "percdamp": 0.01, "blocksize": 128, "act_order": None, "true_sequential": None,
+        "nsamples": 128, "seqlen": 2048, "seed": 0, "device": "cpu"}
 
 
 def test_a_cuda_device_without_a_gpu_is_refused_with_what_to_use(monkeypatch):
@@ -857,8 +926,9 @@ def test_ctrl_c_exits_130_and_only_prune_says_how_to_resume(command, argv, messa
 
 
 def test_an_alpha_above_full_correction_warns():
-    with pytest.warns(UserWarning, match="alpha = 2.0 is above 1"):
+    with pytest.warns(UserWarning, match="alpha = 2.0 is above 1") as record:
         PruneConfig(alpha=2.0, device="cpu")
+    assert record[0].filename == __file__  # it points at the line that chose the alpha
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         PruneConfig(alpha=1.0, device="cpu")
