@@ -157,6 +157,40 @@ def test_bad_inputs_get_clear_errors():
         torch.ops.duogpt.bitmap_pack(torch.zeros(4, 3).t())
 
 
+@pytest.mark.parametrize("args, error, message", [
+    (lambda bw: (bw.bitmap, bw.values, bw.offsets, 40), ValueError, "out_features=40 needs 2"),
+    (lambda bw: (bw.bitmap[:, :0], bw.values, bw.offsets[:1], 0), ValueError,
+     "out_features must be positive, got 0"),
+    (lambda bw: (bw.bitmap.float(), bw.values, bw.offsets, 70), TypeError, "bitmap must have dtype"),
+    (lambda bw: (bw.bitmap, bw.values.double(), bw.offsets, 70), TypeError, "values must have dtype"),
+    (lambda bw: (bw.bitmap, bw.values, bw.offsets.long(), 70), TypeError, "offsets must have dtype"),
+    (lambda bw: (bw.bitmap, bw.values, bw.offsets[:, None], 70), ValueError, "offsets must be 1-D"),
+    (lambda bw: (bw.bitmap, bw.values, bw.offsets[:-1], 70), ValueError, "offsets has"),
+], ids=["bitmap-words", "no-rows", "bitmap-dtype", "values-dtype", "offsets-dtype", "2-D-offsets",
+        "offsets-count"])
+def test_unpack_rejects_packed_tensors_of_the_wrong_kind_or_size(args, error, message):
+    """The raw op states its contract before the kernel reads anything."""
+    bw = BitmapWeight.from_dense(random_sparse(70, 20, 0.5))
+    with pytest.raises(error, match=message):
+        torch.ops.duogpt.bitmap_unpack(*args(bw))
+
+
+def test_packed_tensors_on_two_devices_are_refused():
+    """The meta device stands in for a second device."""
+    bw = BitmapWeight.from_dense(random_sparse(70, 20, 0.5))
+    with pytest.raises(ValueError, match="values is on meta but bitmap is on cpu"):
+        torch.ops.duogpt.bitmap_unpack(bw.bitmap, bw.values.to("meta"), bw.offsets, 70)
+
+
+def test_the_fake_kernels_refuse_what_the_cpu_kernels_refuse():
+    """torch.compile traces the ops through their fake kernels (run here on the meta device)."""
+    meta = BitmapWeight.from_dense(random_sparse(70, 20, 0.5)).to("meta")
+    with pytest.raises(ValueError, match="out_features=40 needs 2"):
+        torch.ops.duogpt.bitmap_unpack(meta.bitmap, meta.values, meta.offsets, 40)
+    with pytest.raises(TypeError, match="w must have dtype"):
+        torch.ops.duogpt.bitmap_pack(torch.zeros(3, 4, dtype=torch.float64, device="meta"))
+
+
 def test_to_takes_a_device_and_keeps_the_values_dtype():
     w = BitmapWeight.from_dense(random_sparse(40, 12, 0.5))
     assert torch.equal(w.to("cpu").to_dense(), w.to_dense())

@@ -277,6 +277,56 @@ def test_bad_activation_rules_are_rejected(kwargs, error, message):
     bw = BitmapWeight.from_dense(torch.randn(4, 8))
     with pytest.raises(error, match=message):
         ops.spmspv(torch.randn(1, 8), bw, **kwargs)
+    with pytest.raises(error, match=message):  # SparseLinear's direct call checks its rule too
+        spmspv_validated(torch.randn(1, 8), bw.bitmap, bw.values, bw.offsets, 4,
+                         kwargs.get("threshold"), kwargs.get("topk_fraction"))
+
+
+def test_a_threshold_with_one_entry_per_token_is_rejected():
+    """The kernel reads one threshold per input channel: a threshold as long as the token count
+    (here 2 of 8 channels) is refused, not read past its end."""
+    bw = BitmapWeight.from_dense(torch.randn(4, 8))
+    x, threshold = torch.randn(2, 8), torch.zeros(2)
+    with pytest.raises(ValueError, match=r"threshold has 2 entries, expected one per input channel \(8\)"):
+        ops.spmspv(x, bw, threshold=threshold)
+    with pytest.raises(ValueError, match="one per input channel"):
+        spmspv_validated(x, bw.bitmap, bw.values, bw.offsets, 4, threshold)
+
+
+def test_tensors_on_two_devices_are_refused():
+    """Every tensor of a call must be on x's device (the meta device stands in for a second one)."""
+    w = torch.randn(4, 8)
+    bw = BitmapWeight.from_dense(w)
+    x, meta_x = torch.randn(1, 8), torch.randn(1, 8, device="meta")
+    meta_threshold = torch.zeros(8, device="meta")
+    with pytest.raises(ValueError, match="threshold is on meta but x is on cpu"):
+        ops.spmspv(x, bw, threshold=meta_threshold)
+    with pytest.raises(ValueError, match="threshold is on meta but x is on cpu"):
+        spmspv_validated(x, bw.bitmap, bw.values, bw.offsets, 4, meta_threshold)
+    with pytest.raises(ValueError, match="values is on cpu but x is on meta"):
+        ops.spmspv(meta_x, bw)
+    with pytest.raises(ValueError, match="w is on cpu but x is on meta"):
+        ops.dense_gemv(meta_x, w)
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.zeros(*shape, dtype=dtype, device="meta")
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda bw, w: torch.ops.duogpt.spmspv(_meta(2, 8), *bw, 4, _meta(8), 0.5), ValueError, "not both"),
+    (lambda bw, w: torch.ops.duogpt.spmspv(_meta(2, 8), *bw, 4, None, 1.0), ValueError, r"\[0, 1\)"),
+    (lambda bw, w: torch.ops.duogpt.spmspv(_meta(2, 7), *bw, 4, None, None), ValueError, "input channels"),
+    (lambda bw, w: torch.ops.duogpt.dense_gemv(_meta(2, 7), w), ValueError, "input channels"),
+    (lambda bw, w: torch.ops.duogpt.dense_gemv(_meta(9, 8), w), ValueError, "1 to 8 tokens"),
+], ids=["spmspv-both-rules", "spmspv-fraction-1", "spmspv-in-mismatch", "dense-in-mismatch",
+        "dense-too-many-tokens"])
+def test_the_fake_kernels_refuse_what_the_cpu_kernels_refuse(call, error, message):
+    """torch.compile traces the ops through their fake kernels (run here on the meta device): a
+    bad call fails there as it does on the CPU, not later in a compiled graph."""
+    packed = (_meta(8, 1, dtype=torch.int32), _meta(32), _meta(9, dtype=torch.int32))  # [4, 8] weight
+    with pytest.raises(error, match=message):
+        call(packed, _meta(4, 8))
 
 
 @pytest.mark.parametrize("x, error, message", [

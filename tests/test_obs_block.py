@@ -82,10 +82,13 @@ def test_pruning_nothing_changes_nothing():
     ({"mask": torch.zeros(4, 8, dtype=torch.uint8)}, "mask must have dtype"),
     ({"nm": (2, 3), "score_coef": torch.ones(8)}, "M dividing"),
     ({"nm": (4, 4), "score_coef": torch.ones(8)}, "0 < N < M"),
+    ({"nm": (0, 4), "score_coef": torch.ones(8)}, "0 < N < M"),
+    ({"nm": (2, 4), "score_coef": torch.ones(8, dtype=torch.float64)}, "score_coef must have dtype"),
     ({"nm": (2, 4)}, "score_coef"),
     ({"mask": torch.zeros(4, 8, dtype=torch.bool), "nm": (2, 4)}, "either a mask or"),
     ({}, "got neither"),
-], ids=["mask-shape", "mask-dtype", "m-not-dividing", "n-equals-m", "no-coef", "both", "neither"])
+], ids=["mask-shape", "mask-dtype", "m-not-dividing", "n-equals-m", "n-zero", "coef-dtype", "no-coef", "both",
+        "neither"])
 def test_bad_rules_are_rejected(kwargs, message):
     W1, U1, _ = block_problem(4, 8, with_P=False)
     with pytest.raises((ValueError, TypeError), match=message):
@@ -101,7 +104,7 @@ def test_n_m_groups_wider_than_64_are_rejected():
 def test_bad_blocks_and_factors_are_rejected():
     W1, U1, _ = block_problem(4, 8, with_P=False)
     mask = torch.zeros(4, 8, dtype=torch.bool)
-    with pytest.raises(ValueError, match="U1 must be"):
+    with pytest.raises(ValueError, match=r"U1 must be \[8, 8\] for a block of 8 columns"):
         ops.obs_prune_block(W1, U1[:4, :4].contiguous(), mask=mask)
     with pytest.raises(TypeError, match="W1 must have dtype"):
         ops.obs_prune_block(W1.double(), U1, mask=mask)
@@ -113,6 +116,10 @@ def test_bad_blocks_and_factors_are_rejected():
         ops.obs_prune_block(W1, U1.half(), mask=mask)
     with pytest.raises(ValueError, match=r"P1 must be \[8, 8\]"):
         ops.obs_prune_block(W1, U1, torch.zeros(8, 4), mask=mask)
+    with pytest.raises(TypeError, match="P1 must have dtype"):
+        ops.obs_prune_block(W1, U1, torch.zeros(8, 8, dtype=torch.float64), mask=mask)
+    with pytest.raises(ValueError, match="P1 must be contiguous"):
+        ops.obs_prune_block(W1, U1, torch.zeros(8, 8).t(), mask=mask)
     with pytest.raises(ValueError, match="score_coef must have 8 entries"):
         ops.obs_prune_block(W1, U1, nm=(2, 4), score_coef=torch.ones(4))
     # Empty tensors all report address 0: a block without rows is not mistaken for aliasing.
@@ -144,3 +151,32 @@ def test_an_input_sharing_memory_with_the_updated_block_is_refused(alias):
     inputs = {"U1": U1, "P1": P1} | {alias: W1}  # an [8, 8] W1 fits where U1 or P1 goes
     with pytest.raises(ValueError, match=f"{alias} shares memory with W1"):
         ops.obs_prune_block(W1, inputs["U1"], inputs["P1"], mask=torch.zeros(8, 8, dtype=torch.bool))
+
+
+def test_inputs_on_two_devices_are_refused():
+    """The meta device stands in for a second device."""
+    W1, U1, P1 = block_problem(4, 8, with_P=True)
+    mask = torch.zeros(4, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="U1 is on meta but W1 is on cpu"):
+        ops.obs_prune_block(W1, U1.to("meta"), P1, mask=mask)
+    with pytest.raises(ValueError, match="mask is on meta but W1 is on cpu"):
+        ops.obs_prune_block(W1, U1, P1, mask=mask.to("meta"))
+
+
+@pytest.mark.parametrize("B, kwargs, message", [
+    (8, {"mask": torch.zeros(5, 8, dtype=torch.bool)}, "mask must be"),
+    (8, {"nm": (2, 3)}, "M dividing the block width 8"),
+    (8, {"nm": (4, 4)}, "0 < N < M"),
+    (8, {"nm": (0, 4)}, "0 < N < M"),
+    (65, {"nm": (1, 65)}, "M <= 64"),
+], ids=["mask-shape", "m-not-dividing", "n-equals-m", "n-zero", "m-65"])
+def test_the_fake_kernel_refuses_what_the_cpu_kernel_refuses(B, kwargs, message):
+    """torch.compile traces the op through its fake kernel (run here on the meta device), which
+    states the op's contract as the CPU kernel does."""
+    meta = {"device": "meta"}
+    if "nm" in kwargs:
+        kwargs = kwargs | {"score_coef": torch.ones(B, **meta)}
+    else:
+        kwargs = {"mask": kwargs["mask"].to("meta")}
+    with pytest.raises(ValueError, match=message):
+        ops.obs_prune_block(torch.zeros(4, B, **meta), torch.zeros(B, B, **meta), **kwargs)

@@ -8,13 +8,16 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 import duogpt
+from duogpt import _native
 from duogpt._native import arch_error
+from duogpt.env import check_device, environment
 
 # Subprocesses start outside the source tree: from its root, `python -c` and `python -m` would
 # import the uncompiled `duogpt/` folder instead of the installed package.
@@ -130,6 +133,73 @@ def test_env_command_prints_the_diagnostics():
         assert info["gpu"] is None
 
 
+def test_env_reports_what_the_native_module_contains():
+    C = _native.lib()
+    info = environment()
+    assert info["native_module"] is True and "native_error" not in info
+    assert info["cuda_compiled"] is _native.cuda_compiled() is C.cuda_compiled()
+    assert info["cuda_archs"] == (C.cuda_archs().split(",") if C.cuda_compiled() else None)
+    assert info["cpu_features"] == C.cpu_features() and info["cpu_isa"] == C.cpu_isa()
+
+
+def test_env_without_native_module_reports_why(monkeypatch):
+    monkeypatch.setattr(_native, "_C", None)
+    monkeypatch.setattr(_native, "_IMPORT_ERROR", ImportError("hidden for the test"))
+    info = environment()
+    assert info["native_module"] is False and info["cuda_compiled"] is False
+    assert info["native_error"] == "hidden for the test"
+    assert info["cuda_archs"] is None and info["cpu_features"] == [] and info["cpu_isa"] is None
+
+
+def test_env_names_the_first_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: f"Test GPU {index}")
+    assert environment()["gpu"] == "Test GPU 0"
+
+
+def _fake_gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+@pytest.mark.parametrize("device, count", [("cuda", 1), ("cuda:0", 1), ("cuda:1", 2), ("cpu", 0)])
+def test_a_device_this_machine_has_is_accepted(device, count, monkeypatch):
+    _fake_gpus(monkeypatch, count)
+    check_device(device)
+
+
+@pytest.mark.parametrize("device, count", [("cuda:1", 1), ("cuda:2", 2)])
+def test_a_cuda_index_past_the_gpus_is_refused_with_what_to_use(device, count, monkeypatch):
+    _fake_gpus(monkeypatch, count)
+    with pytest.raises(ValueError, match=rf"{device}: torch sees {count} CUDA GPU\(s\) here; use cpu or an"):
+        check_device(device)
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """A CUDA GPU of compute capability `gpu.capability`, as the kernels' arch check sees it."""
+    if not _native.cuda_compiled():
+        pytest.skip("needs a duogpt build with the CUDA kernels")
+    fake = types.SimpleNamespace(capability=(8, 0))
+    monkeypatch.setattr(_native._C, "cuda_archs", lambda: "90-real")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: fake.capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    _native._arch_error_on.cache_clear()
+    yield fake
+    _native._arch_error_on.cache_clear()
+
+
+def test_the_cuda_kernels_are_handed_out_for_a_gpu_they_run_on(gpu):
+    gpu.capability = (9, 0)
+    assert _native.cuda_lib(torch.device("cuda", 0)) is _native.lib()
+
+
+def test_a_gpu_the_kernels_cannot_run_on_is_refused_before_any_launch(gpu):
+    gpu.capability = (7, 5)
+    with pytest.raises(RuntimeError, match="Test GPU has compute capability 7.5; .* need 8.0 or newer"):
+        _native.cuda_lib(torch.device("cuda", 0))
+
+
 DEFAULT_ARCHS = "80-real,86-real,89-real,90-real,90-virtual"  # CMakeLists.txt's default
 
 
@@ -138,6 +208,7 @@ DEFAULT_ARCHS = "80-real,86-real,89-real,90-real,90-virtual"  # CMakeLists.txt's
     (DEFAULT_ARCHS, (8, 7)),   # Orin: 8.6 machine code runs on 8.7
     (DEFAULT_ARCHS, (12, 0)),  # Blackwell: the 9.0 PTX, compiled by the driver
     ("90", (10, 0)),           # a bare number is machine code and PTX
+    ("90-virtual", (9, 0)),    # PTX runs on its own capability too
     ("100f-real", (10, 3)),    # family code runs across its family
     ("native", (9, 0)),        # resolved by CMake at build time: trusted
 ])
@@ -149,6 +220,8 @@ def test_kernels_run_where_machine_code_or_ptx_covers_the_gpu(archs, capability)
     ("90-real", (8, 6), "CMAKE_CUDA_ARCHITECTURES=86-real"),    # machine code does not run on older GPUs
     ("80-real", (9, 0), "CMAKE_CUDA_ARCHITECTURES=90-real"),    # nor across major versions
     ("90a-real", (10, 0), "CMAKE_CUDA_ARCHITECTURES=100-real"),  # arch-specific code: 9.0 only
+    ("100a-real", (10, 3), "CMAKE_CUDA_ARCHITECTURES=103-real"),  # not even on a later minor
+    ("100f", (12, 0), "CMAKE_CUDA_ARCHITECTURES=120-real"),      # family code stays in its family
     (DEFAULT_ARCHS, (7, 5), "8.0 or newer"),                    # T4: below what the kernels need
 ])
 def test_kernels_that_cannot_run_name_the_gpu_and_the_fix(archs, capability, fix):
