@@ -255,7 +255,8 @@ def test_unreachable_task_data_is_named(checkpoints, capsys, monkeypatch):
 def test_zero_shot_runs_lm_eval_with_no_examples_on_the_model_as_it_is(checkpoints, monkeypatch):
     """lm-eval gets the in-memory model, 0 examples per prompt and the task index made once; its
     results come back without lm-eval's display aliases, with the tasks' versions."""
-    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'duogpt[eval]'")
+    lm_eval = pytest.importorskip("lm_eval",
+                                  reason="lm-eval is an optional extra: pip install 'duogpt[eval]'")
     from duogpt.eval.harness import zero_shot
 
     calls = []
@@ -289,7 +290,8 @@ def test_perplexity_alone_needs_no_lm_eval(checkpoints, tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m.startswith("lm_eval.")] + ["lm_eval"]:
         monkeypatch.setitem(sys.modules, name, None)  # `import lm_eval` now fails as if not installed
     _, packed, text = checkpoints
-    assert _eval(tmp_path, packed, "--ppl", text, "--seqlen", 16, "--max-windows", 1)["metrics"]["perplexity"]["windows"] == 1
+    report = _eval(tmp_path, packed, "--ppl", text, "--seqlen", 16, "--max-windows", 1)
+    assert report["metrics"]["perplexity"]["windows"] == 1
 
 
 def test_eval_dense_and_packed_agree_and_override(checkpoints, tmp_path):
@@ -320,12 +322,18 @@ def test_eval_self_records_its_seed_and_the_sequences_sampled(checkpoints, tmp_p
     assert report["metrics"]["fidelity"]["sequences"] == 4 and report["metrics"]["fidelity"]["tokens"] == 28
 
 
+def _plain_copy(checkpoint, tmp_path):
+    """The checkpoint as a plain Hugging Face folder: without its duogpt files."""
+    plain = tmp_path / "plain"
+    shutil.copytree(checkpoint, plain, ignore=shutil.ignore_patterns("duogpt*"))
+    return plain
+
+
 def test_eval_of_a_plain_model_runs_it_dense_unless_given_an_activation_sparsity(checkpoints, tmp_path):
     """A plain Hugging Face folder (no duogpt.json) runs dense activations, or the rule given, by
     hooks on its projections: the figures of the pruned checkpoint run by the sparse engine."""
     dense, packed, text = checkpoints
-    plain = tmp_path / "plain"
-    shutil.copytree(dense, plain, ignore=shutil.ignore_patterns("duogpt*"))
+    plain = _plain_copy(dense, tmp_path)
     args = ("--ppl", text, "--seqlen", 16, "--max-windows", 2)
     report = _eval(tmp_path, plain, *args)
     assert report["checkpoint"] is None
@@ -346,9 +354,7 @@ def test_eval_of_a_plain_model_runs_it_dense_unless_given_an_activation_sparsity
 
 def test_self_fidelity_of_a_plain_model_compares_it_with_itself(checkpoints, tmp_path):
     """Without --reference, a plain model is its own dense reference."""
-    dense, _, _ = checkpoints
-    plain = tmp_path / "plain"
-    shutil.copytree(dense, plain, ignore=shutil.ignore_patterns("duogpt*"))
+    plain = _plain_copy(checkpoints[0], tmp_path)
     fidelity = _eval(tmp_path, plain, "--ppl", "self", "--seqlen", 8)["metrics"]["fidelity"]
     assert fidelity["reference"] == str(plain) and fidelity["mean_kl"] < 1e-6
     assert fidelity["top1_agreement"] == 1.0 and fidelity["sequences"] == 4

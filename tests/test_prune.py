@@ -194,7 +194,8 @@ def test_the_embedded_default_is_converted_once_into_a_plain_folder_in_the_cache
     model, tokenizer = load_model("smollm2-135m")
     assert reads == ["_tiny_tokenizer", "model"]
     assert [p.name for p in cache.iterdir()] == ["smollm2-135m-instruct"]  # nothing half-written left
-    assert "quantization_config" not in json.loads((cache / "smollm2-135m-instruct" / "config.json").read_text())
+    config = json.loads((cache / "smollm2-135m-instruct" / "config.json").read_text())
+    assert "quantization_config" not in config
     assert type(model) is LlamaForCausalLM and not hasattr(model.config, "quantization_config")
     for name, weight in _tiny_model().state_dict().items():
         assert torch.equal(model.state_dict()[name], weight), name
@@ -329,6 +330,7 @@ def test_a_config_and_a_report_are_frozen_records_of_the_run():
 def test_duogpt_takes_more_calibration_windows_than_tokens_per_window():
     model, ids = _tiny_model(), torch.randint(3, len(WORDS) + 3, (12, 8))
     assert duogpt.prune(model, None, ids, device="cpu", progress=False).weight_sparsity == 0.5
+
 
 @pytest.mark.parametrize("true_sequential", [None, True], ids=["default", "true-sequential"])
 def test_wanda_gathers_a_layers_inputs_in_one_pass_unless_true_sequential(true_sequential):
@@ -478,7 +480,8 @@ def test_a_text_of_exactly_one_window_gives_that_window_without_special_tokens(t
     from tokenizers.processors import TemplateProcessing
 
     tokenizer = _tiny_tokenizer()
-    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A",
+                                                                    special_tokens=[("<s>", 1)])
     (tmp_path / "one.txt").write_text(" ".join(WORDS[:40]))
     windows = calibration_ids(str(tmp_path / "one.txt"), tokenizer, nsamples=8, seqlen=40, seed=0)
     assert torch.equal(windows, torch.arange(3, 43).repeat(8, 1))
@@ -599,6 +602,7 @@ def test_a_resumed_threshold_run_matches_an_uninterrupted_one(monkeypatch, tmp_p
     for name, linear in layer_map(resumed).named_projections().items():
         assert torch.equal(linear.weight, reference.get_submodule(name).weight), name
 
+
 def test_resume_takes_the_same_model_loaded_from_another_path_spelling(tmp_path):
     ids, config = torch.randint(3, len(WORDS) + 3, (8, 32)), PruneConfig(device="cpu")
     first, again = _tiny_model(), _tiny_model()
@@ -633,6 +637,7 @@ def test_the_layer_store_creates_its_folder_and_the_missing_ones_above_it(tmp_pa
     store = LayerStore(tmp_path / "new" / "work", {"config": {}})
     store.save(0, {"w": torch.ones(2, 2)}, {}, {})
     assert 0 in LayerStore(tmp_path / "new" / "work", {"config": {}})
+
 
 def test_a_truncated_layer_file_is_named_on_resume(tmp_path):
     store = LayerStore(tmp_path, {"config": {}})
@@ -1031,8 +1036,8 @@ def test_ready_windows_may_hold_any_token_of_the_vocabulary_in_any_integer_dtype
     (recorded by the same fingerprint)."""
     windows = torch.randint(3, len(WORDS) + 3, (2, 8))
     windows[0, 0], windows[1, -1] = 0, len(WORDS) + 2
-    records = [duogpt.prune(_tiny_model(), None, windows.to(dtype), method="wanda", progress=False).calibration
-               for dtype in (torch.int64, torch.int32)]
+    records = [duogpt.prune(_tiny_model(), None, windows.to(dtype), method="wanda",
+                            progress=False).calibration for dtype in (torch.int64, torch.int32)]
     assert records[0] == records[1]
     assert records[0]["source"] == "tensor" and records[0]["tokens"] == 16
 
@@ -1186,6 +1191,7 @@ def test_a_module_lives_where_its_first_parameter_else_its_first_buffer_is():
     assert device_of(torch.nn.Linear(2, 2, device="meta")) == torch.device("meta")
     assert device_of(buffers_only) == torch.device("meta")
     assert device_of(torch.nn.Module()) == torch.device("cpu")
+
 
 @pytest.mark.parametrize("seqlen, refused", [(17, True), (16, False)])
 def test_mixed_attention_is_refused_when_the_windows_exceed_the_sliding_window(seqlen, refused):
